@@ -1,0 +1,52 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# DEVICE=cpu (default; fbgemm-gpu-cpu, gloo) or DEVICE=cuda (fbgemm-gpu, NCCL clusters).
+DEVICE ?= cpu
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PINS := requirements/$(DEVICE).txt
+STAMP := $(VENV)/.installed-$(DEVICE)
+# DeepSpeed JIT-builds its shared-memory op once; keep the build inside the venv so it is cached.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-all demo bench lint format clean
+
+install: $(STAMP)
+
+# Order matters: torch, fbgemm, torchrec without its (CUDA) deps, then deepspeed built against
+# the installed torch, then everything else under the same pins.
+$(STAMP): setup.py requirements/common.txt $(PINS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c $(PINS) torch
+	$(PIP) install -q -c $(PINS) $(if $(filter cuda,$(DEVICE)),fbgemm-gpu,fbgemm-gpu-cpu)
+	$(PIP) install -q --no-deps -c $(PINS) torchrec
+	$(PIP) install -q -c $(PINS) tensordict torchmetrics pyre-extensions
+	$(PIP) install -q --no-build-isolation -c $(PINS) deepspeed
+	$(PIP) install -q -c $(PINS) -e '.[train,serve,dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -m "not slow"
+
+test-all: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m launch.demo
+
+bench: install
+	$(PY) benchmarks/data_prep.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

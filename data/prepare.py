@@ -1,0 +1,328 @@
+"""Raw events -> per-user token sequences in WebDataset shards (see data.schema for the format).
+
+The relational work (deduplication, k-core filtering, the per-user stable sort, ID mapping) is
+done by Polars; per-user splitting and windowing are vectorised in numpy over the sorted events;
+shards are written by ``workers`` forked processes, each owning whole shards.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from data import schema
+from data.errors import DataError
+from data.readers import RawData
+from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
+from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous
+
+SPLIT_KINDS = ("leave_one_out", "temporal")
+
+
+@dataclass
+class PrepareConfig:
+    out: Path
+    split: str = "leave_one_out"
+    # Temporal split boundaries: epoch seconds, or "q0.9" for a quantile of all event times.
+    valid_start: str | None = None
+    test_start: str | None = None
+    dedup: bool = True
+    min_user_events: int = 0
+    min_item_events: int = 0
+    window: int = 0  # 0 keeps each user's whole history in one sample
+    window_overlap: int = 0
+    samples_per_shard: int = 5000
+    seed: int = 0
+    vocab_from: Path | None = None
+    overwrite: bool = False
+    workers: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.split not in SPLIT_KINDS:
+            raise DataError(f"--split must be one of {SPLIT_KINDS}, got {self.split!r}")
+        if self.split == "temporal" and (self.valid_start is None or self.test_start is None):
+            raise DataError("--split temporal needs --valid-start and --test-start (epoch seconds or qFRACTION)")
+        if self.split != "temporal" and (self.valid_start is not None or self.test_start is not None):
+            raise DataError("--valid-start/--test-start only apply to --split temporal")
+        if self.window < 0 or self.window_overlap < 0 or (self.window and self.window_overlap >= self.window):
+            raise DataError(f"need window >= 0 and 0 <= window_overlap < window, got {self.window}, {self.window_overlap}")
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise DataError("--samples-per-shard and --workers must be at least 1")
+        if min(self.min_user_events, self.min_item_events) < 0:
+            raise DataError("--min-user-events and --min-item-events must be >= 0")
+
+
+@dataclass
+class PrepareReport:
+    manifest: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _k_core(events: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
+    while True:
+        before = events.height
+        if min_item:
+            events = events.filter(pl.len().over("item") >= min_item)
+        if min_user:
+            events = events.filter(pl.len().over("user") >= min_user)
+        if events.height == before:
+            return events
+
+
+def _time_cut(value: str, ts: np.ndarray, name: str) -> int:
+    text = str(value).strip()
+    try:
+        if text.startswith("q"):
+            q = float(text[1:])
+            if not 0.0 < q < 1.0:
+                raise ValueError
+            return int(np.quantile(ts, q))
+        return int(float(text))
+    except ValueError:
+        raise DataError(f"--{name} must be epoch seconds or qFRACTION with 0 < FRACTION < 1, got {value!r}") from None
+
+
+def _segments(cfg: PrepareConfig, lengths: np.ndarray, pos: np.ndarray, user: np.ndarray, ts) -> np.ndarray:
+    """Segment of every event: 0 train, 1 valid, 2 test."""
+    if cfg.split == "leave_one_out":
+        n = lengths[user]
+        return np.where(n >= 3, np.clip(pos - (n - 3), 0, 2), 0).astype(np.int8)
+    if ts is None:
+        raise DataError("--split temporal needs timestamps, and this source has none")
+    valid_start = _time_cut(cfg.valid_start, ts, "valid-start")
+    test_start = _time_cut(cfg.test_start, ts, "test-start")
+    if valid_start > test_start:
+        raise DataError(f"--valid-start ({valid_start}) must not be after --test-start ({test_start})")
+    return ((ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)).astype(np.int8)
+
+
+def _plan_samples(cfg: PrepareConfig, offsets: np.ndarray, seg_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per sample: user, window and the event ranges of its three segments."""
+    n_train, n_valid, n_test = seg_counts.T
+    start = offsets[:-1]
+    if cfg.window:
+        stride = cfg.window - cfg.window_overlap
+        windows = 1 + np.ceil(np.maximum(n_train - cfg.window, 0) / stride).astype(np.int64)
+    else:
+        windows = np.ones(len(n_train), dtype=np.int64)
+    user = np.repeat(np.arange(len(n_train)), windows)
+    first = np.concatenate([[0], np.cumsum(windows)[:-1]])
+    w = np.arange(len(user)) - np.repeat(first, windows)
+    latest = w == 0
+    if cfg.window:
+        end = n_train[user] - w * stride
+        train_lo = np.maximum(end - cfg.window, 0)
+    else:
+        end, train_lo = n_train[user], np.zeros(len(user), dtype=np.int64)
+    base = start[user]
+    valid_lo = base + n_train[user]
+    test_lo = valid_lo + n_valid[user]
+    return {
+        "user": user,
+        "window": w,
+        "train": np.stack([base + train_lo, base + end], axis=1),
+        "valid": np.stack([valid_lo, np.where(latest, test_lo, valid_lo)], axis=1),
+        "test": np.stack([test_lo, np.where(latest, test_lo + n_test[user], test_lo)], axis=1),
+    }
+
+
+# State for forked shard writers: set before the pool starts, inherited copy-on-write.
+_SHARED: dict = {}
+
+
+def _write_shard(task: tuple[int, int, int]) -> dict:
+    index, lo, hi = task
+    records, plan, directory = _SHARED["records"], _SHARED["plan"], _SHARED["dir"]
+    writer = ShardWriter(directory / SHARD_PATTERN.format(index))
+    lengths = {name: np.diff(plan[name][lo:hi], axis=1)[:, 0] for name in schema.SEGMENTS}
+    for i in range(lo, hi):
+        segments = {name: records[plan[name][i, 0] : plan[name][i, 1]] for name in schema.SEGMENTS}
+        writer.write(schema.sample_key(int(plan["user"][i]), int(plan["window"][i])), segments)
+    entry = writer.close()
+    entry["splits"] = {
+        split: int(np.sum(schema.eligible(split, lengths["train"], lengths["valid"], lengths["test"])))
+        for split in schema.SPLITS
+    }
+    return entry
+
+
+def _write_shards(cfg: PrepareConfig, tmp: Path, records: np.ndarray, plan: dict) -> list[dict]:
+    n = len(plan["user"])
+    tasks = [(i, lo, min(lo + cfg.samples_per_shard, n)) for i, lo in enumerate(range(0, n, cfg.samples_per_shard))]
+    _SHARED.update(records=records, plan=plan, dir=tmp)
+    bar = tqdm(total=n, unit="sample", desc="shards", disable=not cfg.progress)
+    entries = []
+    try:
+        if cfg.workers == 1 or len(tasks) == 1:
+            results = map(_write_shard, tasks)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(min(cfg.workers, len(tasks)))
+            results = pool.imap(_write_shard, tasks)
+        for entry in results:
+            entries.append(entry)
+            bar.update(entry["samples"])
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        bar.close()
+        _SHARED.clear()
+    return entries
+
+
+def _fingerprints(paths: list[Path]) -> list[dict]:
+    return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)} for p in paths]
+
+
+def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
+    """Runs the whole preparation; returns the manifest written to ``cfg.out``."""
+    started = time.perf_counter()
+    notes: list[str] = []
+    events = raw.events
+    if events.height == 0:
+        raise DataError("no events to prepare")
+    has_ts = "ts" in events.columns
+    features = ["item"] + [f for f, col in (("action", "action"), ("gap", "ts"), ("weight", "weight")) if col in events.columns]
+    dropped = {"bad_rows": raw.bad_rows, "duplicates": 0, "k_core": 0}
+
+    if cfg.dedup and has_ts:
+        before = events.height
+        events = events.unique(subset=[c for c in ("user", "item", "ts", "action") if c in events.columns], keep="first", maintain_order=True)
+        dropped["duplicates"] = before - events.height
+    if cfg.min_user_events or cfg.min_item_events:
+        before = events.height
+        events = _k_core(events, cfg.min_user_events, cfg.min_item_events)
+        dropped["k_core"] = before - events.height
+        if events.height == 0:
+            raise DataError(f"k-core filtering (users >= {cfg.min_user_events}, items >= {cfg.min_item_events} events) left no events")
+
+    previous_items = previous_actions = None
+    if cfg.vocab_from is not None:
+        previous_items, previous_actions = load_previous(cfg.vocab_from)
+
+    # Stable sort: equal timestamps keep source order, which is the only order SASRec files have.
+    events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)
+
+    items_vocab, item_change = build_index(events["item"], cfg.seed, previous_items, what="item")
+    if item_change is not None:
+        notes.append(f"items against --vocab-from: {item_change}")
+    item_index = events["item"].replace_strict(items_vocab["raw_id"], items_vocab["index"], return_dtype=pl.Int32)
+    user_codes = events["user"].rank("dense").cast(pl.Int64).to_numpy() - 1
+    n_users = int(user_codes[-1]) + 1
+    counts = np.bincount(user_codes, minlength=n_users)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    pos = np.arange(len(user_codes)) - offsets[user_codes]
+    ts = events["ts"].to_numpy() if has_ts else None
+    segment = _segments(cfg, counts, pos, user_codes, ts)
+
+    records = np.zeros(events.height, dtype=schema.segment_dtype(features))
+    records["item"] = item_index.to_numpy()
+    del item_index
+    actions_vocab = None
+    if "action" in features:
+        actions_vocab, action_change = build_index(events["action"], cfg.seed, previous_actions, shuffle=False, what="action")
+        if action_change is not None and action_change.added:
+            notes.append(f"actions against --vocab-from: {action_change}")
+        records["action"] = events["action"].replace_strict(actions_vocab["raw_id"], actions_vocab["index"], return_dtype=pl.Int16).to_numpy()
+    if "gap" in features:
+        gaps = schema.gap_buckets(np.diff(ts, prepend=ts[:1]))
+        gaps[offsets[:-1]] = schema.UNK  # first event of a user: no previous event
+        records["gap"] = gaps
+    if "weight" in features:
+        records["weight"] = events["weight"].to_numpy()
+
+    seg_counts = np.bincount(user_codes * 3 + segment, minlength=n_users * 3).reshape(n_users, 3)
+    plan = _plan_samples(cfg, offsets, seg_counts)
+
+    # Popularity counts only training events, so the baseline never sees a target.
+    train_mask = segment == 0
+    popularity = np.bincount(records["item"][train_mask], minlength=int(items_vocab["index"].max()) + 1)
+    items_table = items_vocab.with_columns(pl.Series("count", popularity[items_vocab["index"].to_numpy()]))
+    if raw.items is not None:
+        text = raw.items.rename({"item": "raw_id"})
+        text = text.with_columns(text["raw_id"].cast(items_table["raw_id"].dtype, strict=False))
+        text = text.unique("raw_id", keep="first", maintain_order=True)
+        items_table = items_table.join(text, on="raw_id", how="left", maintain_order="left")
+        missing = text.height - items_table.filter(pl.col("raw_id").is_in(text["raw_id"].implode())).height
+        if missing:
+            notes.append(f"{missing} catalog items have text but no events; they are not in the vocabulary")
+    users_table = pl.DataFrame({"index": np.arange(n_users), "raw_id": events["user"].gather(offsets[:-1]), "events": counts})
+    del events
+
+    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        shard_entries = _write_shards(cfg, tmp, records, plan)
+        files = {}
+        items_table.write_parquet(tmp / ITEMS_FILE)
+        users_table.write_parquet(tmp / USERS_FILE)
+        written = [ITEMS_FILE, USERS_FILE]
+        if actions_vocab is not None:
+            actions_vocab.rename({"raw_id": "value"}).write_parquet(tmp / ACTIONS_FILE)
+            written.append(ACTIONS_FILE)
+        for name in written:
+            files[name] = sha256_file(tmp / name)
+        split_counts = {s: sum(e["splits"][s] for e in shard_entries) for s in schema.SPLITS}
+        manifest = {
+            "format": "lmrec-shards",
+            "schema_version": schema.SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "inputs": _fingerprints(raw.inputs),
+            "features": features,
+            "padding_side": schema.PADDING_SIDE,
+            "split": {"kind": cfg.split, "valid_start": cfg.valid_start, "test_start": cfg.test_start},
+            "window": {"length": cfg.window, "overlap": cfg.window_overlap},
+            "vocab": {
+                "pad": schema.PAD,
+                "unk": schema.UNK,
+                "items": int(items_vocab["index"].max()) + 1,
+                "actions": int(actions_vocab["index"].max()) + 1 if actions_vocab is not None else 0,
+                "gaps": schema.GAP_VOCAB_SIZE if "gap" in features else 0,
+                "item_seed": cfg.seed,
+                "from": str(cfg.vocab_from) if cfg.vocab_from else None,
+            },
+            "counts": {
+                "users": n_users,
+                "items": items_vocab.height,
+                "events": int(len(records)),
+                "samples": int(len(plan["user"])),
+                "events_per_segment": {name: int(seg_counts[:, i].sum()) for i, name in enumerate(schema.SEGMENTS)},
+                "samples_per_split": split_counts,
+                "dropped": dropped,
+            },
+            "shards": shard_entries,
+            "files": files,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("progress",)},
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return PrepareReport(manifest, time.perf_counter() - started, notes)
+
+
+def summary_rows(manifest: dict) -> list[tuple[str, str]]:
+    c = manifest["counts"]
+    rows = [
+        ("users", f"{c['users']:,}"),
+        ("items", f"{c['items']:,}"),
+        ("events", f"{c['events']:,}"),
+        ("samples", f"{c['samples']:,} in {len(manifest['shards'])} shards"),
+        ("features", ", ".join(manifest["features"])),
+        ("split", manifest["split"]["kind"]),
+    ]
+    rows += [(f"events in {k}", f"{v:,}") for k, v in c["events_per_segment"].items()]
+    rows += [(f"{k} samples", f"{v:,}") for k, v in c["samples_per_split"].items()]
+    rows += [(f"dropped {k.replace('_', ' ')}", f"{v:,}") for k, v in c["dropped"].items() if v]
+    rows.append(("vocab sizes", ", ".join(f"{k} {manifest['vocab'][k]}" for k in ("items", "actions", "gaps"))))
+    return rows

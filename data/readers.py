@@ -1,0 +1,441 @@
+"""Readers: raw interaction logs and item text in many formats -> one normalised form.
+
+Every reader returns ``RawData``: an events frame with columns ``user``, ``item`` and, where the
+source has them, ``ts`` (int64 seconds), ``action`` (string), ``weight`` (float); rows in source
+order, which breaks ties between equal timestamps. Optionally an items frame: ``item`` plus text
+columns (``title``, ``genres``, ``description``, ...). Bad rows fail with the file and line, or are
+dropped and counted under ``on_bad_rows="skip"``.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from data.errors import DataError
+
+ON_BAD_ROWS = ("fail", "skip")
+EVENT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+@dataclass
+class RawData:
+    events: pl.DataFrame
+    items: pl.DataFrame | None = None
+    inputs: list[Path] = field(default_factory=list)
+    bad_rows: int = 0
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which source columns hold the event fields (generic events reader)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str | None = "timestamp"
+    action: str | None = None
+    rating: str | None = None
+    weight: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared validation: every reader lands here with string or numeric columns and a line offset.
+
+
+def _where(path: Path, row: int, line_offset: int) -> str:
+    if line_offset < 0:
+        return f"{path} row {row + 1}"
+    return f"{path} line {row + 1 + line_offset}"
+
+
+def _check_columns(df: pl.DataFrame, wanted: dict[str, str | None], path: Path) -> None:
+    missing = [f"'{src}' (for {dst})" for dst, src in wanted.items() if src is not None and src not in df.columns]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(missing)}; the file's columns are {df.columns}")
+
+
+def _id_column(series: pl.Series) -> pl.Series:
+    """IDs stay integers when every value is one, else become strings."""
+    if series.dtype.is_integer():
+        return series.cast(pl.Int64)
+    as_str = series.cast(pl.String)
+    as_int = as_str.str.strip_chars().cast(pl.Int64, strict=False)
+    if as_int.null_count() == as_str.null_count():
+        return as_int
+    return as_str
+
+
+def normalise_events(
+    df: pl.DataFrame,
+    columns: dict[str, str | None],
+    path: Path,
+    on_bad_rows: str,
+    line_offset: int = 1,
+) -> tuple[pl.DataFrame, int]:
+    """Rename ``columns`` (target -> source) and validate types. Returns the frame and the number
+    of rows dropped. ``line_offset`` is the line number of the first row minus one (header lines);
+    -1 means the format has no lines and rows are counted instead."""
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise DataError(f"--on-bad-rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+    _check_columns(df, columns, path)
+    if df.height == 0:
+        raise DataError(f"{path}: no events (the file has no data rows)")
+    selected = {dst: df[src] for dst, src in columns.items() if src is not None}
+    bad = pl.Series("bad", [False] * df.height)
+    problems: list[str] = []
+
+    def flag(mask: pl.Series, column: str, what: str) -> None:
+        nonlocal bad
+        mask = mask.fill_null(False)
+        if mask.any() and len(problems) < 5:
+            row = int(mask.arg_true()[0])
+            value = df[columns[column]][row]
+            problems.append(f"{_where(path, row, line_offset)}, column '{columns[column]}': {value!r} {what}")
+        bad = bad | mask
+
+    out: dict[str, pl.Series] = {}
+    for name in ("user", "item"):
+        raw = selected[name]
+        flag(raw.is_null() | (raw.cast(pl.String).str.strip_chars() == ""), name, "is empty")
+        out[name] = _id_column(raw)
+    if "ts" in selected:
+        raw = selected["ts"]
+        if raw.dtype.is_temporal():
+            ts = raw.cast(pl.Datetime("us")).dt.epoch("s")
+        else:
+            ts = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+        flag(ts.is_null() | ts.is_nan(), "ts", "is not a numeric timestamp")
+        out["ts"] = ts.fill_nan(None).cast(pl.Int64, strict=False)
+    if "action" in selected:
+        raw = selected["action"]
+        flag(raw.is_null(), "action", "is empty")
+        out["action"] = raw.cast(pl.String)
+    if "rating" in selected:
+        raw = selected["rating"].cast(pl.String).str.strip_chars()
+        rating = raw.cast(pl.Float64, strict=False)
+        flag(rating.is_null(), "rating", "is not a number")
+        # Ratings become actions: one action per distinct rating value ("4", "4.5").
+        integral = rating.fill_null(0.0) == rating.fill_null(0.0).floor()
+        out["action"] = (
+            pl.select(pl.when(integral).then(rating.cast(pl.Int64).cast(pl.String)).otherwise(rating.cast(pl.String)))
+            .to_series()
+            .alias("action")
+        )
+    if "weight" in selected:
+        weight = selected["weight"].cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+        flag(weight.is_null(), "weight", "is not a number")
+        out["weight"] = weight.cast(pl.Float32)
+
+    events = pl.DataFrame(out)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if on_bad_rows == "fail":
+            more = f" ({n_bad} bad rows in all; --on-bad-rows=skip drops them)"
+            raise DataError("; ".join(problems) + more)
+        events = events.filter(~bad)
+        if events.height == 0:
+            raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
+    return events, n_bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-level file access with clear errors.
+
+
+def _open_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _first_ragged_line(text: str, sep: str) -> str:
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    width = None
+    for lineno, row in enumerate(reader, start=1):
+        if width is None:
+            width = len(row)
+        elif row and len(row) != width:
+            return f"line {lineno} has {len(row)} fields, the header has {width}"
+    return "could not locate the bad line"
+
+
+def read_delimited(path: Path, sep: str, has_header: bool = True, names: list[str] | None = None) -> pl.DataFrame:
+    raw = _open_bytes(path)
+    try:
+        return pl.read_csv(
+            raw,
+            separator=sep,
+            has_header=has_header,
+            new_columns=names,
+            infer_schema=False,
+            quote_char='"' if sep != "\t" else None,
+        )
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{path}: empty file") from None
+    except (pl.exceptions.ComputeError, pl.exceptions.ShapeError) as e:
+        where = _first_ragged_line(raw.decode("utf-8", errors="replace"), sep)
+        raise DataError(f"{path}: malformed {('TSV' if sep == chr(9) else 'CSV')}: {where} ({e.__class__.__name__})") from None
+
+
+def read_jsonl(path: Path, loads=json.loads) -> pl.DataFrame:
+    raw = _open_bytes(path)
+    rows = []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = loads(line)
+        except (ValueError, SyntaxError) as e:
+            raise DataError(f"{path} line {lineno}: not valid JSON ({e.__class__.__name__}: {e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no events (the file has no data rows)")
+    try:
+        return pl.DataFrame(rows, infer_schema_length=None)
+    except Exception as e:  # mixed types in one field across lines
+        raise DataError(f"{path}: inconsistent field types across lines ({e})") from None
+
+
+def read_parquet(path: Path) -> pl.DataFrame:
+    _open_bytes(path)[:0]  # existence and permission, with the same messages as other formats
+    try:
+        return pl.read_parquet(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+
+
+def read_table(path: Path, fmt: str | None = None) -> tuple[pl.DataFrame, int]:
+    """A CSV/TSV/Parquet/JSONL file as string-typed columns; returns (frame, line offset)."""
+    path = Path(path)
+    fmt = fmt or EVENT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: cannot tell the format from the extension '{path.suffix}'; "
+            f"use --format with one of {sorted(set(EVENT_FORMATS.values()))}"
+        )
+    if fmt == "csv":
+        return read_delimited(path, ","), 1
+    if fmt == "tsv":
+        return read_delimited(path, "\t"), 1
+    if fmt == "jsonl":
+        return read_jsonl(path), 0
+    if fmt == "parquet":
+        return read_parquet(path), -1
+    raise DataError(f"{path}: unknown format {fmt!r}; use one of {sorted(set(EVENT_FORMATS.values()))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Source readers.
+
+
+def read_events(
+    path: Path, columns: ColumnMap = ColumnMap(), fmt: str | None = None, on_bad_rows: str = "fail"
+) -> RawData:
+    """Generic events: CSV, TSV, Parquet or JSON lines with a column mapping."""
+    df, offset = read_table(path, fmt)
+    mapping = {
+        "user": columns.user,
+        "item": columns.item,
+        "ts": columns.timestamp,
+        "action": columns.action,
+        "rating": columns.rating,
+        "weight": columns.weight,
+    }
+    events, bad = normalise_events(df, mapping, Path(path), on_bad_rows, offset)
+    return RawData(events, inputs=[Path(path)], bad_rows=bad)
+
+
+def _read_latin1_records(path: Path, sep: str, n_fields: int) -> list[list[str]]:
+    rows = []
+    text = _open_bytes(path).decode("latin-1")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(sep)
+        if len(parts) < n_fields:
+            raise DataError(f"{path} line {lineno}: expected {n_fields} fields separated by {sep!r}, got {len(parts)}")
+        rows.append(parts[:n_fields])
+    return rows
+
+
+def read_movielens_items(path: Path) -> pl.DataFrame:
+    """``movies.dat`` (``id::title::genres``) or ml-100k ``u.item`` (``id|title|date|url|19 flags``),
+    both latin-1. Titles keep their year, e.g. "Toy Story (1995)"."""
+    path = Path(path)
+    if path.name == "u.item":
+        genre_names = [
+            "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+            "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+            "Thriller", "War", "Western",
+        ]  # fmt: skip
+        rows = _read_latin1_records(path, "|", 24)
+        items = [r[0] for r in rows]
+        titles = [r[1] for r in rows]
+        genres = ["|".join(g for g, flag in zip(genre_names, r[5:24]) if flag == "1") for r in rows]
+    else:
+        rows = _read_latin1_records(path, "::", 3)
+        items, titles, genres = ([r[i] for r in rows] for i in range(3))
+    return pl.DataFrame({"item": _id_column(pl.Series(items)), "title": titles, "genres": genres})
+
+
+def read_movielens(path: Path, on_bad_rows: str = "fail") -> RawData:
+    """MovieLens: a directory with ``ratings.dat`` (ML-1M/10M, ``::``) or ``u.data`` (ML-100k, tab),
+    or one of those files; titles and genres from ``movies.dat`` / ``u.item`` beside it."""
+    path = Path(path)
+    ratings = path
+    if path.is_dir():
+        found = [path / n for n in ("ratings.dat", "u.data") if (path / n).exists()]
+        if not found:
+            raise DataError(f"{path}: no ratings.dat or u.data in this MovieLens directory")
+        ratings = found[0]
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    if ratings.name == "u.data":
+        df = read_delimited(ratings, "\t", has_header=False, names=names)
+        item_file = ratings.parent / "u.item"
+    else:
+        rows = _read_latin1_records(ratings, "::", 4)
+        df = pl.DataFrame(rows, schema=names, orient="row") if rows else pl.DataFrame(schema=names)
+        item_file = ratings.parent / "movies.dat"
+    mapping = {"user": "user_id", "item": "item_id", "ts": "timestamp", "rating": "rating"}
+    events, bad = normalise_events(df, mapping, ratings, on_bad_rows, line_offset=0)
+    items = read_movielens_items(item_file) if item_file.exists() else None
+    inputs = [ratings] + ([item_file] if items is not None else [])
+    return RawData(events, items, inputs, bad)
+
+
+def read_sasrec(
+    path: Path, item_map: Path | None = None, items: Path | None = None, on_bad_rows: str = "fail"
+) -> RawData:
+    """SASRec ``user item`` lines, each user's lines in time order; no timestamps or ratings.
+    ``item_map`` (``sasrec_id original_id`` lines) and ``items`` (MovieLens movies.dat) attach text."""
+    path = Path(path)
+    df = read_delimited(path, " ", has_header=False, names=["user_id", "item_id"])
+    events, bad = normalise_events(df, {"user": "user_id", "item": "item_id"}, path, on_bad_rows, line_offset=0)
+    inputs = [path]
+    item_table = None
+    if items is not None:
+        item_table = read_movielens_items(Path(items))
+        inputs.append(Path(items))
+        if item_map is not None:
+            mapping = read_delimited(Path(item_map), " ", has_header=False, names=["item", "original"])
+            mapping = mapping.select(_id_column(mapping["item"]), _id_column(mapping["original"]))
+            item_table = mapping.join(item_table.rename({"item": "original"}), on="original", how="left").drop("original")
+            inputs.append(Path(item_map))
+    elif item_map is not None:
+        raise DataError("--item-map needs --items (the movies.dat that the mapped ids refer to)")
+    return RawData(events, item_table, inputs, bad)
+
+
+def _recbole_frame(path: Path) -> pl.DataFrame:
+    df = read_delimited(path, "\t")
+    # Headers look like "user_id:token"; the type after the colon is RecBole's, not ours.
+    return df.rename({c: c.split(":")[0] for c in df.columns})
+
+
+def read_recbole(path: Path, on_bad_rows: str = "fail") -> RawData:
+    """RecBole atomic files: ``NAME.inter`` (user_id, item_id, [rating], [timestamp]) and, beside
+    it, an optional ``NAME.item`` whose token/token_seq columns become item text."""
+    path = Path(path)
+    if path.is_dir():
+        inters = sorted(path.glob("*.inter"))
+        if len(inters) != 1:
+            raise DataError(f"{path}: expected exactly one .inter file in the directory, found {len(inters)}")
+        path = inters[0]
+    df = _recbole_frame(path)
+    mapping = {
+        "user": "user_id",
+        "item": "item_id",
+        "ts": "timestamp" if "timestamp" in df.columns else None,
+        "rating": "rating" if "rating" in df.columns else None,
+    }
+    events, bad = normalise_events(df, mapping, path, on_bad_rows, line_offset=1)
+    item_file = path.with_suffix(".item")
+    items = None
+    if item_file.exists():
+        table = _recbole_frame(item_file)
+        if "item_id" not in table.columns:
+            raise DataError(f"{item_file}: no column 'item_id'; the file's columns are {table.columns}")
+        renames = {"movie_title": "title", "class": "genres", "categories": "genres"}
+        table = table.rename({k: v for k, v in renames.items() if k in table.columns})
+        items = table.with_columns(_id_column(table["item_id"]).alias("item")).drop("item_id")
+        items = items.select("item", *[c for c in items.columns if c != "item"])
+    return RawData(events, items, [path] + ([item_file] if items is not None else []), bad)
+
+
+def _amazon_meta(path: Path) -> pl.DataFrame:
+    """Amazon metadata lines: strict JSON (2018) or Python dict literals (2014)."""
+
+    def loads(line: str):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return ast.literal_eval(line)
+
+    rows = []
+    for row in read_jsonl(path, loads=loads).iter_rows(named=True):
+        categories = row.get("categories") or row.get("category") or []
+        flat = [c for group in categories for c in (group if isinstance(group, list) else [group])]
+        description = row.get("description") or ""
+        if isinstance(description, list):
+            description = " ".join(description)
+        rows.append({"item": row.get("asin"), "title": row.get("title") or "", "genres": "|".join(flat), "description": description})
+    meta = pl.DataFrame(rows)
+    if meta["item"].null_count():
+        line = int(meta["item"].is_null().arg_true()[0]) + 1
+        raise DataError(f"{path} line {line}: no 'asin' field")
+    return meta.unique("item", keep="first", maintain_order=True)
+
+
+def read_amazon(path: Path, meta: Path | None = None, on_bad_rows: str = "fail") -> RawData:
+    """Amazon reviews JSON lines (reviewerID, asin, unixReviewTime, overall) + optional metadata."""
+    path = Path(path)
+    df = read_jsonl(path)
+    mapping = {"user": "reviewerID", "item": "asin", "ts": "unixReviewTime", "rating": "overall"}
+    events, bad = normalise_events(df, mapping, path, on_bad_rows, line_offset=0)
+    items = _amazon_meta(Path(meta)) if meta is not None else None
+    return RawData(events, items, [path] + ([Path(meta)] if meta else []), bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default data set.
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+ML100K_IN_WHEEL = "recbole/dataset_example/ml-100k/"
+
+
+def fetch_ml100k(cache_dir: Path) -> Path:
+    """MovieLens-100k as RecBole ships it inside its wheel: download the wheel (never install it)
+    into ``cache_dir`` and extract the atomic files. Returns the directory holding ml-100k.inter."""
+    import subprocess
+    import sys
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / "ml-100k"
+    if (target / "ml-100k.inter").exists():
+        return target
+    wheels = sorted(cache_dir.glob("recbole-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), RECBOLE_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(cache_dir.glob("recbole-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise DataError(f"could not download {RECBOLE_WHEEL} into {cache_dir}: {done.stderr.strip()[-500:]}")
+    tmp = cache_dir / "ml-100k.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name in ("ml-100k.inter", "ml-100k.item"):
+            (tmp / name).write_bytes(wheel.read(ML100K_IN_WHEEL + name))
+    tmp.rename(target)
+    return target

@@ -1,0 +1,152 @@
+"""A seeded, fully offline generator of interaction logs with structure a sequence model can learn.
+
+The generative story (defaults in ``SyntheticSpec``; they are fixed and documented, not tuned):
+
+- Items belong to ``topics`` topics. Item popularity follows a power law (Zipf exponent
+  ``popularity_exponent``) over a random order of the items, so a popularity baseline is fair.
+- Each user has a taste: ``topics_per_user`` topics drawn at random.
+- Each item has ``successors`` successor items from its own topic (drawn by popularity). With
+  probability ``markov`` a user's next item is a random successor of their previous item
+  (sequential structure); otherwise it is drawn by popularity from one of the user's topics.
+- History lengths are ``min_events`` plus a geometric tail with mean ``events_per_user``.
+- Timestamps: each user starts at a random time and waits exponential gaps whose mean is
+  lognormal around one day. Ratings 1..5 are higher for items in the user's topics.
+- Item text: a title and a genre that name the item's topic, so text carries real signal.
+
+What a model can learn: the successor structure (a first-order Markov chain) and the user's
+topics; popularity captures neither. Generation is vectorised over users, one step at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from data.errors import DataError
+from data.readers import RawData
+
+_SYLLABLES = ["ka", "lo", "mi", "ren", "su", "ta", "vo", "zel", "pri", "dun", "ex", "or", "ni", "qua", "bel", "tor"]
+_STYLES = ["classic", "deluxe", "mini", "pro", "vintage", "modern", "limited", "basic"]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    users: int = 10_000
+    items: int = 5_000
+    events_per_user: float = 50.0
+    min_events: int = 5
+    topics: int = 50
+    topics_per_user: int = 3
+    popularity_exponent: float = 1.0
+    markov: float = 0.5
+    successors: int = 4
+    text: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.users < 1 or self.items < 2:
+            raise DataError(f"synthetic data needs at least 1 user and 2 items, got {self.users} and {self.items}")
+        if not 0.0 <= self.markov <= 1.0:
+            raise DataError(f"synthetic markov must be in [0, 1], got {self.markov}")
+        if self.events_per_user < self.min_events:
+            raise DataError(f"events_per_user ({self.events_per_user}) must be >= min_events ({self.min_events})")
+        if not 1 <= self.topics_per_user <= self.topics:
+            raise DataError(f"topics_per_user must be in [1, topics={self.topics}], got {self.topics_per_user}")
+
+
+class _TopicSampler:
+    """Draws items of a given topic in proportion to their popularity."""
+
+    def __init__(self, item_topic: np.ndarray, weight: np.ndarray, topics: int):
+        self.order = np.argsort(item_topic, kind="stable").astype(np.int32)
+        cum = np.cumsum(weight[self.order])
+        counts = np.bincount(item_topic, minlength=topics)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        self.cum = cum
+        self.low = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
+        self.high = cum[np.maximum(ends - 1, 0)]
+        self.empty = counts == 0
+
+    def draw(self, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        u = self.low[topics] + rng.random(len(topics)) * (self.high[topics] - self.low[topics])
+        pos = np.minimum(np.searchsorted(self.cum, u, side="right"), len(self.cum) - 1)
+        return self.order[pos]
+
+
+def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
+    rng = np.random.default_rng(spec.seed)
+    n_users, n_items = spec.users, spec.items
+
+    item_topic = rng.integers(spec.topics, size=n_items)
+    rank = rng.permutation(n_items)
+    popularity = (rank + 1.0) ** -spec.popularity_exponent
+    sampler = _TopicSampler(item_topic, popularity, spec.topics)
+    # Topics with no items cannot be drawn: map them to topic of item 0.
+    topic_ok = np.where(sampler.empty, item_topic[0], np.arange(spec.topics))
+    successors = sampler.draw(np.repeat(item_topic, spec.successors), rng).reshape(n_items, spec.successors)
+
+    user_topics = topic_ok[rng.integers(spec.topics, size=(n_users, spec.topics_per_user))]
+    tail_mean = spec.events_per_user - spec.min_events + 1.0
+    lengths = spec.min_events - 1 + rng.geometric(1.0 / tail_mean, size=n_users)
+    lengths = np.minimum(lengths, int(20 * spec.events_per_user) + spec.min_events).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(offsets[-1])
+
+    items = np.empty(total, dtype=np.int32)
+    ratings = np.empty(total, dtype=np.int8)
+    gaps = np.empty(total, dtype=np.int64)
+    mean_gap = np.exp(rng.normal(np.log(86_400.0), 1.0, size=n_users))
+
+    active = np.arange(n_users)
+    prev = np.zeros(n_users, dtype=np.int32)
+    for step in range(int(lengths.max())):
+        active = active[lengths[active] > step]
+        n = len(active)
+        taste = user_topics[active, rng.integers(spec.topics_per_user, size=n)]
+        choice = sampler.draw(taste, rng)
+        if step > 0:
+            follow = rng.random(n) < spec.markov
+            choice = np.where(follow, successors[prev[active], rng.integers(spec.successors, size=n)], choice)
+        prev[active] = choice
+        at = offsets[active] + step
+        items[at] = choice
+        liked = (item_topic[choice][:, None] == user_topics[active]).any(axis=1)
+        ratings[at] = np.clip(np.rint(rng.normal(2.8 + 1.2 * liked, 0.9)), 1, 5).astype(np.int8)
+        gaps[at] = rng.exponential(mean_gap[active]).astype(np.int64) + 1
+
+    user_of_event = np.repeat(np.arange(n_users, dtype=np.int32), lengths)
+    start = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
+    # Cumulative gaps within each user: global cumsum minus the sum before the user's first event.
+    cum = np.cumsum(gaps)
+    before = np.concatenate([[0], cum[offsets[1:-1] - 1]])
+    ts = cum - np.repeat(before, lengths) + np.repeat(start, lengths)
+
+    # Raw IDs start at 1, as in most public logs.
+    events = pl.DataFrame(
+        {
+            "user": user_of_event + 1,
+            "item": items + 1,
+            "ts": ts,
+            "action": ratings,
+        }
+    )
+    item_table = None
+    if spec.text:
+        names = [_topic_name(t) for t in range(spec.topics)]
+        style = rng.integers(len(_STYLES), size=n_items)
+        item_table = pl.DataFrame(
+            {
+                "item": np.arange(1, n_items + 1, dtype=np.int64),
+                "title": [f"{_STYLES[s]} {names[t]} {i + 1}" for i, (t, s) in enumerate(zip(item_topic, style))],
+                "genres": [names[t] for t in item_topic],
+            }
+        )
+    return RawData(events, item_table)
+
+
+def _topic_name(topic: int) -> str:
+    a, b = divmod(topic, len(_SYLLABLES))
+    return (_SYLLABLES[a % len(_SYLLABLES)] + _SYLLABLES[b]).capitalize()

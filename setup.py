@@ -1,0 +1,38 @@
+from setuptools import setup
+
+# The top-level folders are the import packages themselves (`from data.shards import ...`).
+PACKAGES = ["data", "model", "train", "serve", "launch"]
+
+setup(
+    name="lmrec",
+    version="0.1.0",
+    description="Generative recommenders as causal language models over behavior tokens",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_data={"launch": ["monitoring/*"]},
+    install_requires=["numpy", "pyarrow", "pyyaml", "tqdm"],
+    extras_require={
+        # torchrec, fbgemm and deepspeed are installed by `make install` in the order that works.
+        "train": [
+            "torch",
+            "transformers",
+            "safetensors",
+            "webdataset",
+            "polars",
+            "prometheus-client",
+            "psutil",
+            "matplotlib",
+        ],
+        "serve": [
+            "torch",
+            "transformers",
+            "safetensors",
+            "fastapi",
+            "uvicorn",
+            "httpx",
+            "prometheus-client",
+        ],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+    },
+    entry_points={"console_scripts": ["lmrec=launch.cli:main"]},
+)
