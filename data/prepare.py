@@ -82,6 +82,24 @@ def _k_core(events: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
             return events
 
 
+def _drop_duplicates(events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Drops exact repeats of (user, item, ts, action) from events sorted by (user, ts).
+    Repeats can only sit among rows that share (user, ts), usually few, so only those are hashed."""
+    user, ts = events["user"], events["ts"]
+    same = ((user == user.shift(1)) & (ts == ts.shift(1))).fill_null(False)
+    tied = same | same.shift(-1, fill_value=False)
+    if not tied.any():
+        return events, 0
+    key = [c for c in ("user", "item", "ts", "action") if c in events.columns]
+    rows = events.with_row_index("row").filter(tied)
+    repeated = rows.filter(~pl.struct(key).is_first_distinct())["row"]
+    if repeated.len() == 0:
+        return events, 0
+    keep = np.ones(events.height, dtype=bool)
+    keep[repeated.to_numpy()] = False
+    return events.filter(pl.Series(keep)), repeated.len()
+
+
 def _time_cut(value: str, ts: np.ndarray, name: str) -> int:
     text = str(value).strip()
     try:
@@ -199,10 +217,6 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
     features = ["item"] + [f for f, col in (("action", "action"), ("gap", "ts"), ("weight", "weight")) if col in events.columns]
     dropped = {"bad_rows": raw.bad_rows, "duplicates": 0, "k_core": 0}
 
-    if cfg.dedup and has_ts:
-        before = events.height
-        events = events.unique(subset=[c for c in ("user", "item", "ts", "action") if c in events.columns], keep="first", maintain_order=True)
-        dropped["duplicates"] = before - events.height
     if cfg.min_user_events or cfg.min_item_events:
         before = events.height
         events = _k_core(events, cfg.min_user_events, cfg.min_item_events)
@@ -216,6 +230,8 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
 
     # Stable sort: equal timestamps keep source order, which is the only order SASRec files have.
     events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)
+    if cfg.dedup and has_ts:
+        events, dropped["duplicates"] = _drop_duplicates(events)
 
     items_vocab, item_change = build_index(events["item"], cfg.seed, previous_items, what="item")
     if item_change is not None:

@@ -1,7 +1,8 @@
 """WebDataset tar shards and their checksummed manifest.
 
 ``ShardWriter`` writes one tar per block of samples while hashing the bytes as they go out, so
-the sha256 in the manifest costs no second read. Everything is written into a temporary
+the sha256 in the manifest costs no second read. Shards are standard tar files that
+``webdataset.WebDataset`` reads as they are (a test checks it). Everything is written into a temporary
 directory that ``atomic_output_dir`` renames into place only when complete.
 """
 
@@ -9,76 +10,46 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from data.errors import DataError
 from data.schema import SCHEMA_VERSION, SEGMENTS
+from data.tar import end_of_archive, member, npy_bytes
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 
-class _HashingFile(io.RawIOBase):
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self._file.write(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        super().close()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 class ShardWriter:
-    """Writes samples (``{"__key__": str, "train.npy": bytes, ...}``) into one tar shard."""
+    """Writes samples into one ustar shard, hashing bytes on their way to disk."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = _HashingFile(self.path)
-        # mtime fixed so that the same data gives byte-identical shards (and checksums).
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._file = open(self.path, "wb")
+        self._sha256 = hashlib.sha256()
+        self._bytes = 0
         self.samples = 0
 
+    def _emit(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        self._bytes += len(chunk)
+        self._file.write(chunk)
+
     def write(self, key: str, segments: dict[str, np.ndarray]) -> None:
-        sample = {"__key__": key}
-        for name in SEGMENTS:
-            sample[f"{name}.npy"] = npy_bytes(segments[name])
-        self._tar.write(sample)
+        self._emit(b"".join(member(f"{key}.{name}.npy", npy_bytes(segments[name])) for name in SEGMENTS))
         self.samples += 1
 
     def close(self) -> dict:
-        self._tar.close()
+        self._emit(end_of_archive())
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
-        return {
-            "name": self.path.name,
-            "samples": self.samples,
-            "bytes": self._file.size,
-            "sha256": self._file.sha256.hexdigest(),
-        }
+        return {"name": self.path.name, "samples": self.samples, "bytes": self._bytes, "sha256": self._sha256.hexdigest()}
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

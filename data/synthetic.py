@@ -92,16 +92,20 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
     tail_mean = spec.events_per_user - spec.min_events + 1.0
     lengths = spec.min_events - 1 + rng.geometric(1.0 / tail_mean, size=n_users)
     lengths = np.minimum(lengths, int(20 * spec.events_per_user) + spec.min_events).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(offsets[-1])
+    total = int(lengths.sum())
 
+    # Events are emitted step by step across users, interleaved as in a real log: neither sorted
+    # by user nor by time, so preparation does its full sort.
+    users = np.empty(total, dtype=np.int32)
     items = np.empty(total, dtype=np.int32)
     ratings = np.empty(total, dtype=np.int8)
-    gaps = np.empty(total, dtype=np.int64)
+    ts = np.empty(total, dtype=np.int64)
+    clock = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
     mean_gap = np.exp(rng.normal(np.log(86_400.0), 1.0, size=n_users))
 
     active = np.arange(n_users)
     prev = np.zeros(n_users, dtype=np.int32)
+    at = 0
     for step in range(int(lengths.max())):
         active = active[lengths[active] > step]
         n = len(active)
@@ -111,23 +115,18 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
             follow = rng.random(n) < spec.markov
             choice = np.where(follow, successors[prev[active], rng.integers(spec.successors, size=n)], choice)
         prev[active] = choice
-        at = offsets[active] + step
-        items[at] = choice
         liked = (item_topic[choice][:, None] == user_topics[active]).any(axis=1)
-        ratings[at] = np.clip(np.rint(rng.normal(2.8 + 1.2 * liked, 0.9)), 1, 5).astype(np.int8)
-        gaps[at] = rng.exponential(mean_gap[active]).astype(np.int64) + 1
-
-    user_of_event = np.repeat(np.arange(n_users, dtype=np.int32), lengths)
-    start = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
-    # Cumulative gaps within each user: global cumsum minus the sum before the user's first event.
-    cum = np.cumsum(gaps)
-    before = np.concatenate([[0], cum[offsets[1:-1] - 1]])
-    ts = cum - np.repeat(before, lengths) + np.repeat(start, lengths)
+        clock[active] += rng.exponential(mean_gap[active]).astype(np.int64) + 1
+        users[at : at + n] = active
+        items[at : at + n] = choice
+        ratings[at : at + n] = np.clip(np.rint(rng.normal(2.8 + 1.2 * liked, 0.9)), 1, 5)
+        ts[at : at + n] = clock[active]
+        at += n
 
     # Raw IDs start at 1, as in most public logs.
     events = pl.DataFrame(
         {
-            "user": user_of_event + 1,
+            "user": users + 1,
             "item": items + 1,
             "ts": ts,
             "action": ratings,

@@ -1,0 +1,283 @@
+"""Streaming shards into padded batches, split disjointly and completely over ranks and workers.
+
+Every (rank, dataloader worker) pair is a *slot*. Each epoch the shard list is shuffled with a
+seed derived from (seed, epoch); with at least as many shards as slots, shard i goes to slot
+i % slots; with fewer (small data sets), every slot reads every shard and keeps the eligible
+samples whose running index is congruent to its slot. Either way each sample lands in exactly one
+slot, and every slot's sample count is known from the manifest before reading.
+
+Collectives hang when ranks run different numbers of steps, so every rank yields exactly
+``steps_per_epoch`` batches: a rank with fewer real batches appends zero-weight padding batches
+(``weights`` all 0). Real samples are never dropped, so evaluation covers each user exactly once.
+
+Each batch carries its slot and the slot's batch counter; ``start_batches`` skips that many
+batches per slot, which with the deterministic shuffle is what exact resumption needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import schema
+from data.errors import DataError
+from data.shards import load_manifest
+from data.tar import iter_members, load_npy
+
+
+@dataclass
+class LoaderConfig:
+    split: str = "train"
+    batch_size: int = 64
+    max_len: int = 200  # model input length; training reads max_len + 1 events for the shift
+    shuffle: bool = True
+    shuffle_buffer: int = 2048
+    seed: int = 0
+    num_workers: int = 2
+    with_seen: bool = False  # also yield each user's whole history (for filtering seen items)
+
+    def __post_init__(self):
+        if self.split not in schema.SPLITS:
+            raise DataError(f"split must be one of {schema.SPLITS}, got {self.split!r}")
+        if self.batch_size < 1 or self.max_len < 1 or self.num_workers < 0:
+            raise DataError("batch_size and max_len must be >= 1 and num_workers >= 0")
+
+
+@dataclass
+class SlotPlan:
+    shards: list[int]  # indices into manifest["shards"], in reading order
+    stride: int  # 1 when the slot owns whole shards; the slot count when slots share shards
+    offset: int
+    samples: int
+    batches: int
+    padding: int = 0  # zero-weight batches appended to equalise steps across ranks
+
+
+@dataclass
+class EpochPlan:
+    slots: list[SlotPlan]
+    steps_per_epoch: int  # batches every rank yields
+    real_batches: list[int] = field(default_factory=list)  # per rank
+
+
+def plan_epoch(manifest: dict, cfg: LoaderConfig, world_size: int, epoch: int) -> EpochPlan:
+    workers = max(cfg.num_workers, 1)
+    n_slots = world_size * workers
+    counts = [s["splits"][cfg.split] for s in manifest["shards"]]
+    order = list(range(len(counts)))
+    if cfg.shuffle:
+        order = list(np.random.default_rng([cfg.seed, epoch]).permutation(len(counts)))
+    slots = []
+    if len(order) >= n_slots:
+        for slot in range(n_slots):
+            mine = [int(i) for i in order[slot::n_slots]]
+            slots.append(SlotPlan(mine, 1, 0, sum(counts[i] for i in mine), 0))
+    else:
+        total = sum(counts)
+        for slot in range(n_slots):
+            slots.append(SlotPlan([int(i) for i in order], n_slots, slot, max(0, math.ceil((total - slot) / n_slots)), 0))
+    for s in slots:
+        s.batches = math.ceil(s.samples / cfg.batch_size)
+    per_rank = [sum(s.batches for s in slots[r * workers : (r + 1) * workers]) for r in range(world_size)]
+    steps = max(per_rank) if per_rank else 0
+    for r in range(world_size):
+        missing = steps - per_rank[r]
+        for k in range(missing):
+            slots[r * workers + k % workers].padding += 1
+    return EpochPlan(slots, steps, per_rank)
+
+
+class SequenceDataset(IterableDataset):
+    """Yields collated batches for one rank; wrap it with ``make_loader``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cfg: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        manifest: dict | None = None,
+    ):
+        self.directory = Path(directory)
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.manifest = manifest or load_manifest(self.directory)
+        self.features = self.manifest["features"]
+        self.epoch = 0
+        self.start_batches: dict[int, int] = {}
+
+    def set_epoch(self, epoch: int, start_batches: dict[int, int] | None = None) -> None:
+        self.epoch = epoch
+        self.start_batches = dict(start_batches or {})
+
+    def plan(self) -> EpochPlan:
+        return plan_epoch(self.manifest, self.cfg, self.world_size, self.epoch)
+
+    def __len__(self) -> int:
+        return self.plan().steps_per_epoch
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _samples(self, shard_index: int):
+        entry = self.manifest["shards"][shard_index]
+        path = self.directory / entry["name"]
+        read = 0
+        sample: dict = {}
+        try:
+            for name, data in iter_members(path):
+                key, _, ext = name.partition(".")
+                if sample and key != sample["__key__"]:
+                    read += 1
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = data
+        except FileNotFoundError:
+            raise DataError(f"shard {path} is missing") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"shard {path} is corrupt or truncated after {read} samples: {e}") from None
+        if sample:
+            read += 1
+            yield sample
+        if read != entry["samples"]:
+            raise DataError(f"shard {path} holds {read} samples, the manifest says {entry['samples']}: truncated or replaced")
+
+    def _slot_samples(self, slot: SlotPlan):
+        split = self.cfg.split
+        seen = 0
+        for shard in slot.shards:
+            for sample in self._samples(shard):
+                train = load_npy(sample["train.npy"])
+                valid = load_npy(sample["valid.npy"]) if split != "train" or self.cfg.with_seen else None
+                test = load_npy(sample["test.npy"]) if split == "test" else None
+                ok = schema.eligible(split, len(train), len(valid) if valid is not None else 0, len(test) if test is not None else 0)
+                if not ok:
+                    continue
+                if slot.stride > 1:
+                    seen += 1
+                    if (seen - 1) % slot.stride != slot.offset:
+                        continue
+                yield sample["__key__"], train, valid, test
+
+    def _shuffled(self, samples, slot_index: int):
+        if not (self.cfg.shuffle and self.cfg.split == "train"):
+            yield from samples
+            return
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, slot_index])
+        buffer = []
+        for s in samples:
+            buffer.append(s)
+            if len(buffer) >= self.cfg.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != max(self.cfg.num_workers, 1):
+            raise DataError(f"LoaderConfig.num_workers={self.cfg.num_workers} but the DataLoader runs {workers} workers")
+        slot_index = self.rank * workers + worker
+        plan = self.plan()
+        slot = plan.slots[slot_index]
+        skip = self.start_batches.get(slot_index, 0)
+        counter = 0
+        batch = []
+        for sample in self._shuffled(self._slot_samples(slot), slot_index):
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                if counter >= skip:
+                    yield self._collate(batch, slot_index, counter)
+                counter += 1
+                batch = []
+        if batch:
+            if counter >= skip:
+                yield self._collate(batch, slot_index, counter)
+            counter += 1
+        if counter != slot.batches:
+            raise DataError(f"slot {slot_index} read {counter} batches, the manifest promised {slot.batches}")
+        for _ in range(slot.padding):
+            if counter >= skip:
+                yield self._padding_batch(slot_index, counter)
+            counter += 1
+
+    # -- collation -------------------------------------------------------------------------
+
+    def _collate(self, samples, slot: int, counter: int) -> dict:
+        split, max_len = self.cfg.split, self.cfg.max_len
+        keep = max_len + 1 if split == "train" else max_len
+        histories, targets = [], []
+        for _, train, valid, test in samples:
+            if split == "train":
+                histories.append(train[-keep:])
+            elif split == "valid":
+                histories.append(train[-keep:])
+                targets.append(valid[0])
+            else:
+                history = np.concatenate([train, valid]) if len(valid) else train
+                histories.append(history[-keep:])
+                targets.append(test[0])
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        width = int(lengths.max())
+        batch = {
+            "users": torch.tensor([schema.parse_key(s[0])[0] for s in samples], dtype=torch.int64),
+            "lengths": torch.from_numpy(lengths),
+            "weights": torch.ones(len(samples), dtype=torch.float32),
+            "slot": slot,
+            "slot_batch": counter,
+        }
+        for feature in self.features:
+            dtype = np.float32 if feature == "weight" else np.int64
+            padded = np.zeros((len(samples), width), dtype=dtype)
+            for row, history in enumerate(histories):
+                padded[row, : len(history)] = history[feature]
+            batch[_plural(feature)] = torch.from_numpy(padded)
+            if targets:
+                batch[f"target_{_plural(feature)}"] = torch.from_numpy(np.array([t[feature] for t in targets], dtype=dtype))
+        if self.cfg.with_seen:
+            seen = [np.concatenate([s[1]["item"], s[2]["item"]]) if split == "test" else s[1]["item"] for s in samples]
+            batch["seen_lengths"] = torch.tensor([len(x) for x in seen], dtype=torch.int64)
+            batch["seen_items"] = torch.from_numpy(np.concatenate(seen).astype(np.int64))
+        return batch
+
+    def _padding_batch(self, slot: int, counter: int) -> dict:
+        batch = {
+            "users": torch.full((1,), -1, dtype=torch.int64),
+            "lengths": torch.ones(1, dtype=torch.int64),
+            "weights": torch.zeros(1, dtype=torch.float32),
+            "slot": slot,
+            "slot_batch": counter,
+        }
+        for feature in self.features:
+            dtype = torch.float32 if feature == "weight" else torch.int64
+            width = 2 if self.cfg.split == "train" else 1
+            batch[_plural(feature)] = torch.zeros((1, width), dtype=dtype)
+            if self.cfg.split != "train":
+                batch[f"target_{_plural(feature)}"] = torch.zeros(1, dtype=dtype)
+        if self.cfg.with_seen:
+            batch["seen_lengths"] = torch.zeros(1, dtype=torch.int64)
+            batch["seen_items"] = torch.zeros(0, dtype=torch.int64)
+        return batch
+
+
+def _plural(feature: str) -> str:
+    return {"item": "items", "action": "actions", "gap": "gaps", "weight": "event_weights"}[feature]
+
+
+def make_loader(directory: Path, cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> tuple[SequenceDataset, DataLoader]:
+    dataset = SequenceDataset(directory, cfg, rank, world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+        # Workers are forked after the parent built its state; spawn would re-import torch per worker.
+        multiprocessing_context="fork" if cfg.num_workers else None,
+    )
+    return dataset, loader

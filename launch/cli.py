@@ -1,0 +1,182 @@
+"""The ``lmrec`` command line. Subcommands import their packages lazily, so that ``lmrec serve``
+never loads the training stack and ``lmrec data`` never loads torch's distributed side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SOURCES = ("events", "sasrec", "movielens", "recbole", "amazon", "synthetic")
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# lmrec data ...
+
+
+def _read_source(args):
+    from data import readers
+
+    if args.source != "synthetic" and args.input is None:
+        raise readers.DataError(f"--source {args.source} needs --input PATH")
+    if args.source == "events":
+        columns = readers.ColumnMap(
+            user=args.user_col,
+            item=args.item_col,
+            timestamp=args.time_col or None,
+            action=args.action_col,
+            rating=args.rating_col,
+            weight=args.weight_col,
+        )
+        return readers.read_events(args.input, columns, args.format, args.on_bad_rows)
+    if args.source == "sasrec":
+        return readers.read_sasrec(args.input, args.item_map, args.items, args.on_bad_rows)
+    if args.source == "movielens":
+        return readers.read_movielens(args.input, args.on_bad_rows)
+    if args.source == "recbole":
+        return readers.read_recbole(args.input, args.on_bad_rows)
+    if args.source == "amazon":
+        return readers.read_amazon(args.input, args.meta, args.on_bad_rows)
+    from data.synthetic import SyntheticSpec, generate
+
+    return generate(
+        SyntheticSpec(
+            users=args.users,
+            items=args.num_items,
+            events_per_user=args.events_per_user,
+            seed=args.synthetic_seed,
+        )
+    )
+
+
+def cmd_data_prepare(args) -> int:
+    from data.prepare import PrepareConfig, prepare, summary_rows
+
+    cfg = PrepareConfig(
+        out=args.out,
+        split=args.split,
+        valid_start=args.valid_start,
+        test_start=args.test_start,
+        dedup=not args.no_dedup,
+        min_user_events=args.min_user_events,
+        min_item_events=args.min_item_events,
+        window=args.window,
+        window_overlap=args.window_overlap,
+        samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        vocab_from=args.vocab_from,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    raw = _read_source(args)
+    source_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "quiet")}
+    report = prepare(raw, cfg, {"name": args.source, "args": source_args})
+    print(f"prepared {cfg.out} in {report.seconds:.1f} s")
+    print(_table(summary_rows(report.manifest)))
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from data.prepare import summary_rows
+    from data.shards import load_manifest, verify_shards
+
+    manifest = load_manifest(args.dir)
+    print(f"{args.dir}: lmrec shards, schema version {manifest['schema_version']}, source {manifest['source']['name']}")
+    print(_table(summary_rows(manifest)))
+    if args.verify:
+        problems = verify_shards(args.dir, manifest)
+        checked = len(manifest["shards"]) + len(manifest.get("files", {}))
+        if problems:
+            print("\n".join(f"FAILED {p}" for p in problems))
+            return 1
+        print(f"verified: {checked} files match their sha256")
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    from data.readers import fetch_ml100k
+
+    print(fetch_ml100k(args.cache))
+    return 0
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="prepare and inspect shards").add_subparsers(dest="data_cmd", required=True)
+
+    p = data.add_parser("prepare", help="raw interaction logs -> WebDataset shards")
+    p.add_argument("--source", choices=SOURCES, required=True)
+    p.add_argument("--input", type=Path, help="file or directory (not needed for synthetic)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--on-bad-rows", choices=("fail", "skip"), default="fail")
+    g = p.add_argument_group("generic events (--source events)")
+    g.add_argument("--format", choices=("csv", "tsv", "parquet", "jsonl"), help="default: from the extension")
+    g.add_argument("--user-col", default="user_id")
+    g.add_argument("--item-col", default="item_id")
+    g.add_argument("--time-col", default="timestamp", help="'' if the file has none (row order = time)")
+    g.add_argument("--action-col")
+    g.add_argument("--rating-col")
+    g.add_argument("--weight-col")
+    g = p.add_argument_group("item text")
+    g.add_argument("--item-map", type=Path, help="sasrec: 'sasrec_id original_id' lines")
+    g.add_argument("--items", type=Path, help="sasrec: MovieLens movies.dat with titles and genres")
+    g.add_argument("--meta", type=Path, help="amazon: metadata JSON lines")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--users", type=int, default=10_000)
+    g.add_argument("--num-items", type=int, default=5_000)
+    g.add_argument("--events-per-user", type=float, default=50.0)
+    g.add_argument("--synthetic-seed", type=int, default=0)
+    g = p.add_argument_group("processing")
+    g.add_argument("--split", choices=("leave_one_out", "temporal"), default="leave_one_out")
+    g.add_argument("--valid-start", help="temporal: epoch seconds or qFRACTION (quantile of event times)")
+    g.add_argument("--test-start", help="temporal: epoch seconds or qFRACTION")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicate events")
+    g.add_argument("--min-user-events", type=int, default=0, help="k-core: drop users with fewer events")
+    g.add_argument("--min-item-events", type=int, default=0, help="k-core: drop items with fewer events")
+    g.add_argument("--window", type=int, default=0, help="cut training histories into windows of this many events")
+    g.add_argument("--window-overlap", type=int, default=0)
+    g.add_argument("--samples-per-shard", type=int, default=5000)
+    g.add_argument("--seed", type=int, default=0, help="seed of the item index permutation")
+    g.add_argument("--vocab-from", type=Path, help="keep the item/action indices of this prepared directory")
+    g.add_argument("--workers", type=int, default=2, help="processes writing shards")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("inspect", help="print a manifest's statistics")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("fetch-ml100k", help="download the embedded default data set (MovieLens-100k)")
+    p.add_argument("--cache", type=Path, default=Path(".cache"))
+    p.set_defaults(func=cmd_data_fetch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmrec", description="generative recommenders as causal language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data.errors import DataError
+
+    try:
+        return args.func(args)
+    except DataError as e:
+        print(f"lmrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
