@@ -10,8 +10,8 @@ Collectives hang when ranks run different numbers of steps, so every rank yields
 ``steps_per_epoch`` batches: a rank with fewer real batches appends zero-weight padding batches
 (``weights`` all 0). Real samples are never dropped, so evaluation covers each user exactly once.
 
-Each batch carries its slot and the slot's batch counter; ``start_batches`` skips that many
-batches per slot, which with the deterministic shuffle is what exact resumption needs.
+Each batch carries its slot and the slot's batch counter. ``iterate_epoch(..., skip=k)`` resumes an
+epoch after its first k batches in exactly the order an uninterrupted epoch would have had.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def plan_epoch(manifest: dict, cfg: LoaderConfig, world_size: int, epoch: int) -
     n_slots = world_size * workers
     counts = [s["splits"][cfg.split] for s in manifest["shards"]]
     order = list(range(len(counts)))
-    if cfg.shuffle:
+    if cfg.shuffle and cfg.split == "train":
         order = list(np.random.default_rng([cfg.seed, epoch]).permutation(len(counts)))
     slots = []
     if len(order) >= n_slots:
@@ -153,9 +153,13 @@ class SequenceDataset(IterableDataset):
         seen = 0
         for shard in slot.shards:
             for sample in self._samples(shard):
-                train = load_npy(sample["train.npy"])
-                valid = load_npy(sample["valid.npy"]) if split != "train" or self.cfg.with_seen else None
-                test = load_npy(sample["test.npy"]) if split == "test" else None
+                try:
+                    train = load_npy(sample["train.npy"])
+                    valid = load_npy(sample["valid.npy"]) if split != "train" or self.cfg.with_seen else None
+                    test = load_npy(sample["test.npy"]) if split == "test" else None
+                except Exception as e:
+                    path = self.directory / self.manifest["shards"][shard]["name"]
+                    raise DataError(f"shard {path} is corrupt: sample {sample.get('__key__')} does not decode ({e.__class__.__name__})") from None
                 ok = schema.eligible(split, len(train), len(valid) if valid is not None else 0, len(test) if test is not None else 0)
                 if not ok:
                     continue
@@ -268,6 +272,43 @@ class SequenceDataset(IterableDataset):
 
 def _plural(feature: str) -> str:
     return {"item": "items", "action": "actions", "gap": "gaps", "weight": "event_weights"}[feature]
+
+
+def _round_robin(totals: list[int]) -> list[int]:
+    """The order in which a DataLoader returns its workers' batches: worker 0, 1, ..., skipping
+    exhausted workers."""
+    left, order = list(totals), []
+    while any(left):
+        for worker, n in enumerate(left):
+            if n:
+                order.append(worker)
+                left[worker] -= 1
+    return order
+
+
+def iterate_epoch(dataset: SequenceDataset, loader: DataLoader, epoch: int, skip: int = 0):
+    """Yields one epoch of this rank's batches in a fixed order, after skipping ``skip`` batches.
+
+    A DataLoader always starts its round-robin at worker 0, so a resumed epoch would otherwise
+    interleave workers differently from the uninterrupted one. The order is planned here instead
+    and batches are put back into it (a reorder buffer of at most the prefetch depth).
+    """
+    workers = max(dataset.cfg.num_workers, 1)
+    first_slot = dataset.rank * workers
+    dataset.set_epoch(epoch)
+    slots = dataset.plan().slots[first_slot : first_slot + workers]
+    order = _round_robin([s.batches + s.padding for s in slots])
+    done = [0] * workers
+    for worker in order[:skip]:
+        done[worker] += 1
+    dataset.set_epoch(epoch, {first_slot + w: n for w, n in enumerate(done)})
+    pending: dict[int, list] = {w: [] for w in range(workers)}
+    stream = iter(loader)
+    for worker in order[skip:]:
+        while not pending[worker]:
+            batch = next(stream)
+            pending[batch["slot"] - first_slot].append(batch)
+        yield pending[worker].pop(0)
 
 
 def make_loader(directory: Path, cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> tuple[SequenceDataset, DataLoader]:

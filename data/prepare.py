@@ -227,6 +227,10 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
     previous_items = previous_actions = None
     if cfg.vocab_from is not None:
         previous_items, previous_actions = load_previous(cfg.vocab_from)
+        for column, previous in (("item", previous_items), ("action", previous_actions)):
+            # Numeric-looking IDs read as integers still name the same entries as the strings.
+            if previous is not None and column in events.columns and previous["raw_id"].dtype == pl.String:
+                events = events.with_columns(pl.col(column).cast(pl.String))
 
     # Stable sort: equal timestamps keep source order, which is the only order SASRec files have.
     events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)

@@ -39,8 +39,6 @@ class VocabChange:
 def _same_kind(raw: pl.Series, previous: pl.Series, what: str) -> pl.Series:
     if raw.dtype == previous.dtype:
         return raw
-    if previous.dtype == pl.String:
-        return raw.cast(pl.String)
     raise DataError(
         f"{what} IDs are {raw.dtype} in this data but {previous.dtype} in the --vocab-from vocabulary; "
         "the two do not describe the same catalog"
