@@ -54,7 +54,9 @@ class PrepareConfig:
         if self.split != "temporal" and (self.valid_start is not None or self.test_start is not None):
             raise DataError("--valid-start/--test-start only apply to --split temporal")
         if self.window < 0 or self.window_overlap < 0 or (self.window and self.window_overlap >= self.window):
-            raise DataError(f"need window >= 0 and 0 <= window_overlap < window, got {self.window}, {self.window_overlap}")
+            raise DataError(
+                f"need window >= 0 and 0 <= window_overlap < window, got {self.window}, {self.window_overlap}"
+            )
         if self.samples_per_shard < 1 or self.workers < 1:
             raise DataError("--samples-per-shard and --workers must be at least 1")
         if min(self.min_user_events, self.min_item_events) < 0:
@@ -65,6 +67,7 @@ class PrepareConfig:
 class PrepareReport:
     manifest: dict
     seconds: float
+    phases: dict[str, float]
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,18 +116,15 @@ def _time_cut(value: str, ts: np.ndarray, name: str) -> int:
         raise DataError(f"--{name} must be epoch seconds or qFRACTION with 0 < FRACTION < 1, got {value!r}") from None
 
 
-def _segments(cfg: PrepareConfig, lengths: np.ndarray, pos: np.ndarray, user: np.ndarray, ts) -> np.ndarray:
-    """Segment of every event: 0 train, 1 valid, 2 test."""
-    if cfg.split == "leave_one_out":
-        n = lengths[user]
-        return np.where(n >= 3, np.clip(pos - (n - 3), 0, 2), 0).astype(np.int8)
+def _segments(cfg: PrepareConfig, ts: np.ndarray | None) -> np.ndarray:
+    """Temporal split: the segment of every event, 0 train, 1 valid, 2 test."""
     if ts is None:
         raise DataError("--split temporal needs timestamps, and this source has none")
     valid_start = _time_cut(cfg.valid_start, ts, "valid-start")
     test_start = _time_cut(cfg.test_start, ts, "test-start")
     if valid_start > test_start:
         raise DataError(f"--valid-start ({valid_start}) must not be after --test-start ({test_start})")
-    return ((ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)).astype(np.int8)
+    return (ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)
 
 
 def _plan_samples(cfg: PrepareConfig, offsets: np.ndarray, seg_counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -206,15 +206,42 @@ def _fingerprints(paths: list[Path]) -> list[dict]:
     return [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)} for p in paths]
 
 
+class _Phases:
+    """Wall time of each preparation phase, for the report and the benchmark."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _gap_buckets(ts: np.ndarray, first: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """Gap bucket of every event, in chunks so that the temporaries stay small."""
+    out = np.empty(len(ts), dtype=np.int16)
+    for lo in range(0, len(ts), chunk):
+        hi = min(lo + chunk, len(ts))
+        gaps = ts[lo:hi] - ts[max(lo - 1, 0) : hi - 1] if lo else np.diff(ts[:hi], prepend=ts[:1])
+        out[lo:hi] = schema.gap_buckets(gaps)
+    out[first] = schema.UNK  # first event of a user: no previous event
+    return out
+
+
 def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
-    """Runs the whole preparation; returns the manifest written to ``cfg.out``."""
-    started = time.perf_counter()
+    """Runs the whole preparation and writes ``cfg.out``. Sorts ``raw.events`` in place (the frame
+    is replaced by its sorted version) so that a large input is never held twice."""
+    phases = _Phases()
     notes: list[str] = []
     events = raw.events
     if events.height == 0:
         raise DataError("no events to prepare")
     has_ts = "ts" in events.columns
-    features = ["item"] + [f for f, col in (("action", "action"), ("gap", "ts"), ("weight", "weight")) if col in events.columns]
+    features = ["item"] + [
+        f for f, col in (("action", "action"), ("gap", "ts"), ("weight", "weight")) if col in events.columns
+    ]
     dropped = {"bad_rows": raw.bad_rows, "duplicates": 0, "k_core": 0}
 
     if cfg.min_user_events or cfg.min_item_events:
@@ -222,7 +249,9 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         events = _k_core(events, cfg.min_user_events, cfg.min_item_events)
         dropped["k_core"] = before - events.height
         if events.height == 0:
-            raise DataError(f"k-core filtering (users >= {cfg.min_user_events}, items >= {cfg.min_item_events} events) left no events")
+            raise DataError(
+                f"k-core filtering (users >= {cfg.min_user_events}, items >= {cfg.min_item_events} events) left no events"
+            )
 
     previous_items = previous_actions = None
     if cfg.vocab_from is not None:
@@ -233,44 +262,63 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
                 events = events.with_columns(pl.col(column).cast(pl.String))
 
     # Stable sort: equal timestamps keep source order, which is the only order SASRec files have.
-    events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)
+    raw.events = events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)
     if cfg.dedup and has_ts:
         events, dropped["duplicates"] = _drop_duplicates(events)
+    phases.done("filter_sort")
 
     items_vocab, item_change = build_index(events["item"], cfg.seed, previous_items, what="item")
     if item_change is not None:
         notes.append(f"items against --vocab-from: {item_change}")
-    item_index = events["item"].replace_strict(items_vocab["raw_id"], items_vocab["index"], return_dtype=pl.Int32)
-    user_codes = events["user"].rank("dense").cast(pl.Int64).to_numpy() - 1
+    records = np.zeros(events.height, dtype=schema.segment_dtype(features))
+    records["item"] = (
+        events["item"].replace_strict(items_vocab["raw_id"], items_vocab["index"], return_dtype=pl.Int32).to_numpy()
+    )
+    actions_vocab = None
+    if "action" in features:
+        actions_vocab, action_change = build_index(
+            events["action"], cfg.seed, previous_actions, shuffle=False, what="action"
+        )
+        if action_change is not None and action_change.added:
+            notes.append(f"actions against --vocab-from: {action_change}")
+        records["action"] = (
+            events["action"]
+            .replace_strict(actions_vocab["raw_id"], actions_vocab["index"], return_dtype=pl.Int16)
+            .to_numpy()
+        )
+    if "weight" in features:
+        records["weight"] = events["weight"].to_numpy()
+    phases.done("vocabulary")
+
+    user_codes = (events["user"].rank("dense").to_numpy() - 1).astype(np.int32)
     n_users = int(user_codes[-1]) + 1
     counts = np.bincount(user_codes, minlength=n_users)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    pos = np.arange(len(user_codes)) - offsets[user_codes]
     ts = events["ts"].to_numpy() if has_ts else None
-    segment = _segments(cfg, counts, pos, user_codes, ts)
-
-    records = np.zeros(events.height, dtype=schema.segment_dtype(features))
-    records["item"] = item_index.to_numpy()
-    del item_index
-    actions_vocab = None
-    if "action" in features:
-        actions_vocab, action_change = build_index(events["action"], cfg.seed, previous_actions, shuffle=False, what="action")
-        if action_change is not None and action_change.added:
-            notes.append(f"actions against --vocab-from: {action_change}")
-        records["action"] = events["action"].replace_strict(actions_vocab["raw_id"], actions_vocab["index"], return_dtype=pl.Int16).to_numpy()
     if "gap" in features:
-        gaps = schema.gap_buckets(np.diff(ts, prepend=ts[:1]))
-        gaps[offsets[:-1]] = schema.UNK  # first event of a user: no previous event
-        records["gap"] = gaps
-    if "weight" in features:
-        records["weight"] = events["weight"].to_numpy()
-
-    seg_counts = np.bincount(user_codes * 3 + segment, minlength=n_users * 3).reshape(n_users, 3)
+        records["gap"] = _gap_buckets(ts, offsets[:-1])
+    if cfg.split == "leave_one_out":
+        has_targets = counts >= 3
+        seg_counts = np.stack([counts - 2 * has_targets, has_targets, has_targets], axis=1).astype(np.int64)
+        segment_of_train = None
+    else:
+        segment = _segments(cfg, ts)
+        seg_counts = np.stack([np.bincount(user_codes[segment == s], minlength=n_users) for s in range(3)], axis=1)
+        segment_of_train = segment == 0
+        del segment
+    del user_codes
     plan = _plan_samples(cfg, offsets, seg_counts)
+    phases.done("split")
 
     # Popularity counts only training events, so the baseline never sees a target.
-    train_mask = segment == 0
-    popularity = np.bincount(records["item"][train_mask], minlength=int(items_vocab["index"].max()) + 1)
+    size = int(items_vocab["index"].max()) + 1
+    if segment_of_train is None:  # leave-one-out: every event but each evaluated user's last two
+        ends = offsets[1:][has_targets]
+        popularity = np.bincount(records["item"], minlength=size) - np.bincount(
+            records["item"][np.concatenate([ends - 1, ends - 2])], minlength=size
+        )
+    else:
+        popularity = np.bincount(records["item"][segment_of_train], minlength=size)
     items_table = items_vocab.with_columns(pl.Series("count", popularity[items_vocab["index"].to_numpy()]))
     if raw.items is not None:
         text = raw.items.rename({"item": "raw_id"})
@@ -280,11 +328,15 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         missing = text.height - items_table.filter(pl.col("raw_id").is_in(text["raw_id"].implode())).height
         if missing:
             notes.append(f"{missing} catalog items have text but no events; they are not in the vocabulary")
-    users_table = pl.DataFrame({"index": np.arange(n_users), "raw_id": events["user"].gather(offsets[:-1]), "events": counts})
+    users_table = pl.DataFrame(
+        {"index": np.arange(n_users), "raw_id": events["user"].gather(offsets[:-1]), "events": counts}
+    )
     del events
+    phases.done("tables")
 
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         shard_entries = _write_shards(cfg, tmp, records, plan)
+        phases.done("write_shards")
         files = {}
         items_table.write_parquet(tmp / ITEMS_FILE)
         users_table.write_parquet(tmp / USERS_FILE)
@@ -325,10 +377,13 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
             },
             "shards": shard_entries,
             "files": files,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("progress",)},
+            "args": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("progress",)
+            },
         }
         write_json_atomic(tmp / MANIFEST, manifest)
-    return PrepareReport(manifest, time.perf_counter() - started, notes)
+    phases.done("finish")
+    return PrepareReport(manifest, sum(phases.seconds.values()), phases.seconds, notes)
 
 
 def summary_rows(manifest: dict) -> list[tuple[str, str]]:

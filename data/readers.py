@@ -184,7 +184,9 @@ def read_delimited(path: Path, sep: str, has_header: bool = True, names: list[st
         raise DataError(f"{path}: empty file") from None
     except (pl.exceptions.ComputeError, pl.exceptions.ShapeError) as e:
         where = _first_ragged_line(raw.decode("utf-8", errors="replace"), sep)
-        raise DataError(f"{path}: malformed {('TSV' if sep == chr(9) else 'CSV')}: {where} ({e.__class__.__name__})") from None
+        raise DataError(
+            f"{path}: malformed {('TSV' if sep == chr(9) else 'CSV')}: {where} ({e.__class__.__name__})"
+        ) from None
 
 
 def read_jsonl(path: Path, loads=json.loads) -> pl.DataFrame:
@@ -331,7 +333,9 @@ def read_sasrec(
         if item_map is not None:
             mapping = read_delimited(Path(item_map), " ", has_header=False, names=["item", "original"])
             mapping = mapping.select(_id_column(mapping["item"]), _id_column(mapping["original"]))
-            item_table = mapping.join(item_table.rename({"item": "original"}), on="original", how="left").drop("original")
+            item_table = mapping.join(item_table.rename({"item": "original"}), on="original", how="left").drop(
+                "original"
+            )
             inputs.append(Path(item_map))
     elif item_map is not None:
         raise DataError("--item-map needs --items (the movies.dat that the mapped ids refer to)")
@@ -390,7 +394,14 @@ def _amazon_meta(path: Path) -> pl.DataFrame:
         description = row.get("description") or ""
         if isinstance(description, list):
             description = " ".join(description)
-        rows.append({"item": row.get("asin"), "title": row.get("title") or "", "genres": "|".join(flat), "description": description})
+        rows.append(
+            {
+                "item": row.get("asin"),
+                "title": row.get("title") or "",
+                "genres": "|".join(flat),
+                "description": description,
+            }
+        )
     meta = pl.DataFrame(rows)
     if meta["item"].null_count():
         line = int(meta["item"].is_null().arg_true()[0]) + 1

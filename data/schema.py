@@ -60,8 +60,9 @@ GAP_VOCAB_SIZE = FIRST_INDEX + GAP_BUCKETS
 def gap_buckets(gaps_seconds: np.ndarray) -> np.ndarray:
     """Log-scaled bucket of each gap; negative gaps (clock skew) count as zero."""
     gaps = np.maximum(np.asarray(gaps_seconds, dtype=np.float64), 0.0)
-    buckets = FIRST_INDEX + np.floor(np.log2(1.0 + gaps)).astype(np.int64)
-    return np.minimum(buckets, GAP_VOCAB_SIZE - 1).astype(np.int16)
+    # frexp's exponent e satisfies 2**(e-1) <= x < 2**e, i.e. floor(log2 x) = e - 1, exactly.
+    exponent = np.frexp(1.0 + gaps)[1]
+    return np.minimum(exponent + (FIRST_INDEX - 1), GAP_VOCAB_SIZE - 1).astype(np.int16)
 
 
 def segment_dtype(features: list[str]) -> np.dtype:

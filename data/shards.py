@@ -49,7 +49,12 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        return {"name": self.path.name, "samples": self.samples, "bytes": self._bytes, "sha256": self._sha256.hexdigest()}
+        return {
+            "name": self.path.name,
+            "samples": self.samples,
+            "bytes": self._bytes,
+            "sha256": self._sha256.hexdigest(),
+        }
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -104,7 +109,9 @@ def load_manifest(directory: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema version {version}, this lmrec reads version {SCHEMA_VERSION}; prepare the data again")
+        raise DataError(
+            f"{path}: schema version {version}, this lmrec reads version {SCHEMA_VERSION}; prepare the data again"
+        )
     return manifest
 
 

@@ -57,23 +57,38 @@ class SyntheticSpec:
 
 
 class _TopicSampler:
-    """Draws items of a given topic in proportion to their popularity."""
+    """Draws items of a given topic in proportion to their popularity, in O(1) per draw with one
+    alias table (Vose) per topic."""
 
     def __init__(self, item_topic: np.ndarray, weight: np.ndarray, topics: int):
         self.order = np.argsort(item_topic, kind="stable").astype(np.int32)
-        cum = np.cumsum(weight[self.order])
-        counts = np.bincount(item_topic, minlength=topics)
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        self.cum = cum
-        self.low = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
-        self.high = cum[np.maximum(ends - 1, 0)]
-        self.empty = counts == 0
+        self.count = np.bincount(item_topic, minlength=topics)
+        self.start = np.cumsum(self.count) - self.count
+        self.empty = self.count == 0
+        self.prob = np.ones(len(weight))
+        self.alias = np.arange(len(weight))
+        sorted_weight = weight[self.order]
+        for topic in np.flatnonzero(~self.empty):
+            lo, n = int(self.start[topic]), int(self.count[topic])
+            scaled = sorted_weight[lo : lo + n] * (n / sorted_weight[lo : lo + n].sum())
+            small = [i for i in range(n) if scaled[i] < 1.0]
+            large = [i for i in range(n) if scaled[i] >= 1.0]
+            prob, alias = scaled.tolist(), list(range(n))
+            while small and large:
+                s, g = small.pop(), large[-1]
+                alias[s] = g
+                prob[g] -= 1.0 - prob[s]
+                if prob[g] < 1.0:
+                    small.append(large.pop())
+            for i in large + small:  # leftovers are 1 up to rounding
+                prob[i] = 1.0
+            self.prob[lo : lo + n] = prob
+            self.alias[lo : lo + n] = np.asarray(alias) + lo
 
     def draw(self, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        u = self.low[topics] + rng.random(len(topics)) * (self.high[topics] - self.low[topics])
-        pos = np.minimum(np.searchsorted(self.cum, u, side="right"), len(self.cum) - 1)
-        return self.order[pos]
+        slot = self.start[topics] + (rng.random(len(topics)) * self.count[topics]).astype(np.int64)
+        pick = np.where(rng.random(len(topics)) < self.prob[slot], slot, self.alias[slot])
+        return self.order[pick]
 
 
 def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
@@ -94,33 +109,36 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
     lengths = np.minimum(lengths, int(20 * spec.events_per_user) + spec.min_events).astype(np.int64)
     total = int(lengths.sum())
 
-    # Events are emitted step by step across users, interleaved as in a real log: neither sorted
-    # by user nor by time, so preparation does its full sort.
+    # Users are processed longest history first, so the users still active at step t are a prefix
+    # of that order and per-user state is sliced, never gathered. Events are emitted step by step,
+    # interleaved across users as in a real log (sorted neither by user nor by time), so
+    # preparation does its full sort.
+    by_length = np.argsort(-lengths, kind="stable")
+    lengths, user_topics = lengths[by_length], user_topics[by_length]
+    active_at = np.searchsorted(-lengths, -np.arange(int(lengths[0])), side="left")  # users with length > t
     users = np.empty(total, dtype=np.int32)
     items = np.empty(total, dtype=np.int32)
     ratings = np.empty(total, dtype=np.int8)
     ts = np.empty(total, dtype=np.int64)
     clock = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
-    mean_gap = np.exp(rng.normal(np.log(86_400.0), 1.0, size=n_users))
-
-    active = np.arange(n_users)
+    mean_gap = np.exp(rng.normal(np.log(86_400.0), 1.0, size=n_users)).astype(np.float32)
     prev = np.zeros(n_users, dtype=np.int32)
+    rows = np.arange(n_users)
     at = 0
-    for step in range(int(lengths.max())):
-        active = active[lengths[active] > step]
-        n = len(active)
-        taste = user_topics[active, rng.integers(spec.topics_per_user, size=n)]
-        choice = sampler.draw(taste, rng)
+    for step, n in enumerate(active_at):
+        topics = user_topics[:n]
+        choice = sampler.draw(topics[rows[:n], rng.integers(spec.topics_per_user, size=n)], rng)
         if step > 0:
-            follow = rng.random(n) < spec.markov
-            choice = np.where(follow, successors[prev[active], rng.integers(spec.successors, size=n)], choice)
-        prev[active] = choice
-        liked = (item_topic[choice][:, None] == user_topics[active]).any(axis=1)
-        clock[active] += rng.exponential(mean_gap[active]).astype(np.int64) + 1
-        users[at : at + n] = active
+            follow = rng.random(n, dtype=np.float32) < spec.markov
+            choice = np.where(follow, successors[prev[:n], rng.integers(spec.successors, size=n)], choice)
+        prev[:n] = choice
+        liked = (item_topic[choice][:, None] == topics).any(axis=1)
+        clock[:n] += (rng.standard_exponential(n, dtype=np.float32) * mean_gap[:n]).astype(np.int64) + 1
+        users[at : at + n] = by_length[:n]
         items[at : at + n] = choice
-        ratings[at : at + n] = np.clip(np.rint(rng.normal(2.8 + 1.2 * liked, 0.9)), 1, 5)
-        ts[at : at + n] = clock[active]
+        noise = rng.standard_normal(n, dtype=np.float32) * 0.9
+        ratings[at : at + n] = np.clip(np.rint(noise + (2.8 + 1.2 * liked)), 1, 5)
+        ts[at : at + n] = clock[:n]
         at += n
 
     # Raw IDs start at 1, as in most public logs.

@@ -54,8 +54,12 @@ def end_of_archive() -> bytes:
 
 
 def _octal(field: bytes) -> int:
-    text = field.rstrip(b"\0 ").lstrip(b" ")
+    text = field.strip(b"\0 ")
     return int(text, 8) if text else 0
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+_SPACES = 8 * ord(" ")
 
 
 def iter_members(path: Path):
@@ -68,35 +72,33 @@ def iter_members(path: Path):
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             offset, long_name = 0, None
             while True:
-                if offset + BLOCK > size:
-                    raise TarFormatError(f"unexpected end of archive at byte {offset}")
                 header = buf[offset : offset + BLOCK]
-                if header == _END[:BLOCK]:
-                    return
+                if len(header) < BLOCK:
+                    raise TarFormatError(f"unexpected end of archive at byte {offset}")
                 if header[257:262] != b"ustar":
+                    if header == _ZERO_BLOCK:
+                        return
                     raise TarFormatError(f"no tar header at byte {offset}")
-                stored = _octal(header[148:156])
-                if stored != sum(header[:148]) + sum(header[156:]) + 8 * 32:
+                if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + _SPACES:
                     raise TarFormatError(f"bad header checksum at byte {offset}")
                 length = _octal(header[124:136])
-                kind = header[156:157]
                 start = offset + BLOCK
-                if start + length > size:
-                    raise TarFormatError(f"member at byte {offset} runs past the end of the file (truncated)")
-                data = buf[start : start + length]
                 offset = start + length + (-length % BLOCK)
-                if kind == b"x":  # pax header: only the path matters here
-                    found = re.search(rb"\d+ path=([^\n]*)\n", data)
+                if offset > size:
+                    raise TarFormatError(f"member at byte {start - BLOCK} runs past the end of the file (truncated)")
+                kind = header[156]
+                if kind == 48 or kind == 0:  # b"0" or NUL: a regular file
+                    if long_name is None:
+                        end = header.find(b"\0", 0, 100)
+                        yield header[: end if end >= 0 else 100].decode(), buf[start : start + length]
+                    else:
+                        yield long_name, buf[start : start + length]
+                        long_name = None
+                elif kind == 120:  # b"x": pax header; only the path matters here
+                    found = re.search(rb"\d+ path=([^\n]*)\n", buf[start : start + length])
                     long_name = found.group(1).decode() if found else None
-                    continue
-                if kind == b"g":
-                    continue
-                if kind not in (b"0", b"\0"):
+                elif kind != 103:  # anything but a global pax header resets a pending long name
                     long_name = None
-                    continue
-                name = long_name or header[:100].split(b"\0", 1)[0].decode()
-                long_name = None
-                yield name, data
 
 
 _DESCRS: dict[np.dtype, str] = {}

@@ -4,7 +4,9 @@ never loads the training stack and ``lmrec data`` never loads torch's distribute
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 SOURCES = ("events", "sasrec", "movielens", "recbole", "amazon", "synthetic")
@@ -74,10 +76,18 @@ def cmd_data_prepare(args) -> int:
         workers=args.workers,
         progress=not args.quiet,
     )
+    started = time.perf_counter()
     raw = _read_source(args)
-    source_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", "quiet")}
+    read_seconds = time.perf_counter() - started
+    source_args = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("func", "quiet", "timings")
+    }
     report = prepare(raw, cfg, {"name": args.source, "args": source_args})
-    print(f"prepared {cfg.out} in {report.seconds:.1f} s")
+    print(f"prepared {cfg.out} in {read_seconds + report.seconds:.1f} s")
+    if args.timings:
+        print("timings: " + json.dumps({"read": round(read_seconds, 3), **report.phases}))
     print(_table(summary_rows(report.manifest)))
     for note in report.notes:
         print(f"note: {note}")
@@ -148,6 +158,7 @@ def _add_data(sub) -> None:
     g.add_argument("--vocab-from", type=Path, help="keep the item/action indices of this prepared directory")
     g.add_argument("--workers", type=int, default=2, help="processes writing shards")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--timings", action="store_true", help="print the seconds spent in each phase")
     p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("inspect", help="print a manifest's statistics")

@@ -19,7 +19,9 @@ def run_cli(*args, check=True, cwd=ROOT):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     if check and done.returncode != 0:
-        raise AssertionError(f"lmrec {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(
+            f"lmrec {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
     return done
 
 

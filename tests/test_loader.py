@@ -21,7 +21,9 @@ def _epoch(directory, world, split="train", workers=2, epoch=0, **kw):
     """All batches of every rank for one epoch, each rank through a real DataLoader with workers."""
     per_rank = []
     for rank in range(world):
-        dataset, loader = make_loader(directory, LoaderConfig(split=split, batch_size=8, num_workers=workers, **kw), rank, world)
+        dataset, loader = make_loader(
+            directory, LoaderConfig(split=split, batch_size=8, num_workers=workers, **kw), rank, world
+        )
         dataset.set_epoch(epoch)
         per_rank.append(list(loader))
     return per_rank
@@ -36,7 +38,9 @@ def _users(batches):
 def test_two_ranks_two_workers_cover_every_sample_exactly_once(tmp_path, split, samples_per_shard):
     out = tmp_path / "s"
     raw = generate(SyntheticSpec(users=203, items=150, events_per_user=10, seed=1))
-    manifest = prepare(raw, PrepareConfig(out=out, samples_per_shard=samples_per_shard, progress=False), {"name": "t"}).manifest
+    manifest = prepare(
+        raw, PrepareConfig(out=out, samples_per_shard=samples_per_shard, progress=False), {"name": "t"}
+    ).manifest
     ranks = _epoch(out, world=2, split=split)
     users = _users(ranks[0]) + _users(ranks[1])
     assert len(users) == len(set(users)) == manifest["counts"]["samples_per_split"][split]
@@ -100,7 +104,9 @@ def test_corrupt_shard_is_named(tmp_path, shards):
         list(loader)
     data[148:150] = b"77"  # a tar header checksum
     victim.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"shard-000001\.tar is corrupt or truncated after 0 samples: bad header checksum"):
+    with pytest.raises(
+        DataError, match=r"shard-000001\.tar is corrupt or truncated after 0 samples: bad header checksum"
+    ):
         list(loader)
 
 

@@ -65,7 +65,9 @@ def test_leave_one_out_targets_are_the_last_two_events_and_never_inputs(tmp_path
     # Through the loader: the validation input is the train segment alone, the test input adds
     # the validation event, and each target is the event right after its input.
     for split in ("valid", "test"):
-        _, loader = make_loader(tmp_path / "out", LoaderConfig(split=split, batch_size=1000, num_workers=0, max_len=10_000))
+        _, loader = make_loader(
+            tmp_path / "out", LoaderConfig(split=split, batch_size=1000, num_workers=0, max_len=10_000)
+        )
         batch = next(iter(loader))
         samples = _read_all(tmp_path / "out")
         for row, user in enumerate(batch["users"].tolist()):
@@ -95,7 +97,9 @@ def test_vocab_from_keeps_known_indices_and_appends_new(tmp_path):
     first = pl.DataFrame({"user": [1, 1, 1, 2, 2, 2], "item": [10, 11, 12, 10, 12, 13], "ts": [1, 2, 3, 1, 2, 3]})
     _prepare(RawData(first), tmp_path / "v1")
     second = pl.DataFrame({"user": [5, 5, 5], "item": [13, 99, 98], "ts": [1, 2, 3]})
-    report = prepare(RawData(second), PrepareConfig(out=tmp_path / "v2", vocab_from=tmp_path / "v1", progress=False), {"name": "t"})
+    report = prepare(
+        RawData(second), PrepareConfig(out=tmp_path / "v2", vocab_from=tmp_path / "v1", progress=False), {"name": "t"}
+    )
     old = dict(pl.read_parquet(tmp_path / "v1" / "items.parquet").select("raw_id", "index").iter_rows())
     new = dict(pl.read_parquet(tmp_path / "v2" / "items.parquet").select("raw_id", "index").iter_rows())
     assert all(new[k] == v for k, v in old.items())
@@ -112,7 +116,9 @@ def test_vocab_from_id_types(tmp_path):
     # Numeric-looking IDs against a string vocabulary are the same entries.
     _prepare(RawData(pl.DataFrame({"user": [1, 1, 1], "item": ["7", "b", "c"], "ts": [1, 2, 3]})), tmp_path / "strings")
     numeric = RawData(pl.DataFrame({"user": [2, 2, 2], "item": [7, 7, 8], "ts": [1, 2, 3]}))
-    report = prepare(numeric, PrepareConfig(out=tmp_path / "n", vocab_from=tmp_path / "strings", progress=False), {"name": "t"})
+    report = prepare(
+        numeric, PrepareConfig(out=tmp_path / "n", vocab_from=tmp_path / "strings", progress=False), {"name": "t"}
+    )
     assert any("1 kept, 1 new" in note for note in report.notes)
 
 
@@ -145,7 +151,9 @@ def test_manifest_contents(tmp_path, synthetic):
 
 
 def test_temporal_split(tmp_path):
-    events = pl.DataFrame({"user": [1, 1, 1, 1, 2, 2, 3], "item": [1, 2, 3, 4, 1, 2, 5], "ts": [1, 5, 12, 20, 3, 15, 30]})
+    events = pl.DataFrame(
+        {"user": [1, 1, 1, 1, 2, 2, 3], "item": [1, 2, 3, 4, 1, 2, 5], "ts": [1, 5, 12, 20, 3, 15, 30]}
+    )
     manifest = _prepare(RawData(events), tmp_path / "t", split="temporal", valid_start="10", test_start="18")
     samples = _read_all(tmp_path / "t")
     lengths = {k: tuple(len(s[x]) for x in schema.SEGMENTS) for k, s in samples.items()}

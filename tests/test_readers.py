@@ -45,7 +45,9 @@ def test_generic_mapping_action_and_weight(tmp_path):
 def test_missing_column_names_file_and_columns(tmp_path):
     path = tmp_path / "e.csv"
     path.write_text("user,item_id,timestamp\n1,2,3\n")
-    with pytest.raises(DataError, match=r"e\.csv: no column 'user_id' \(for user\).*\['user', 'item_id', 'timestamp'\]"):
+    with pytest.raises(
+        DataError, match=r"e\.csv: no column 'user_id' \(for user\).*\['user', 'item_id', 'timestamp'\]"
+    ):
         read_events(path)
 
 
@@ -71,7 +73,11 @@ def test_skip_bad_rows_reports_count(tmp_path):
         ("e.csv", "user_id,item_id,timestamp\n", r"e\.csv: no events"),
         ("e.xyz", "a", r"cannot tell the format from the extension '\.xyz'"),
         ("e.csv", "user_id,item_id,timestamp\n1,2,3\n1,2,3,4,5\n", r"e\.csv: malformed CSV: line 3 has 5 fields"),
-        ("e.jsonl", '{"user_id": 1, "item_id": 2, "timestamp": 3}\n{"user_id": 1,\n', r"e\.jsonl line 2: not valid JSON"),
+        (
+            "e.jsonl",
+            '{"user_id": 1, "item_id": 2, "timestamp": 3}\n{"user_id": 1,\n',
+            r"e\.jsonl line 2: not valid JSON",
+        ),
         ("e.parquet", "PAR1 truncated", r"e\.parquet: not a readable Parquet file"),
     ],
 )
@@ -98,7 +104,9 @@ def test_truncated_parquet(tmp_path):
 def test_sasrec_with_titles(tmp_path):
     (tmp_path / "ml.txt").write_text("1 1\n1 2\n2 2\n")
     (tmp_path / "map.txt").write_text("1 1198\n2 10\n")
-    (tmp_path / "movies.dat").write_bytes("1198::Raiders of the Lost Ark (1981)::Action|Adventure\n10::Caf\xe9 (1995)::Comedy\n".encode("latin-1"))
+    (tmp_path / "movies.dat").write_bytes(
+        "1198::Raiders of the Lost Ark (1981)::Action|Adventure\n10::Caf\xe9 (1995)::Comedy\n".encode("latin-1")
+    )
     raw = read_sasrec(tmp_path / "ml.txt", tmp_path / "map.txt", tmp_path / "movies.dat")
     assert raw.events.columns == ["user", "item"]
     titles = dict(zip(raw.items["item"].to_list(), raw.items["title"].to_list()))
@@ -126,14 +134,18 @@ def test_movielens_1m_and_100k_layouts(tmp_path):
     (ml100k / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
     flags = ["0"] * 19
     flags[5] = "1"
-    (ml100k / "u.item").write_bytes(("242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags) + "\n").encode("latin-1"))
+    (ml100k / "u.item").write_bytes(
+        ("242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags) + "\n").encode("latin-1")
+    )
     raw = read_movielens(ml100k)
     assert raw.events["item"].to_list() == [242, 302]
     assert raw.items.row(0) == (242, "Kolya (1996)", "Comedy")
 
 
 def test_recbole_atomic_files(tmp_path):
-    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t4\t100\n1\t8\t2\t50\n")
+    (tmp_path / "x.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t4\t100\n1\t8\t2\t50\n"
+    )
     (tmp_path / "x.item").write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n7\tHeat\tAction Crime\n")
     raw = read_recbole(tmp_path)
     assert raw.events["ts"].to_list() == [100, 50]
