@@ -21,7 +21,7 @@ from data import schema
 from data.errors import DataError
 from data.readers import RawData
 from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
-from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous
+from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous, lookup
 
 SPLIT_KINDS = ("leave_one_out", "temporal")
 
@@ -271,9 +271,7 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
     if item_change is not None:
         notes.append(f"items against --vocab-from: {item_change}")
     records = np.zeros(events.height, dtype=schema.segment_dtype(features))
-    records["item"] = (
-        events["item"].replace_strict(items_vocab["raw_id"], items_vocab["index"], return_dtype=pl.Int32).to_numpy()
-    )
+    records["item"] = lookup(events["item"], items_vocab)
     actions_vocab = None
     if "action" in features:
         actions_vocab, action_change = build_index(
@@ -281,16 +279,14 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         )
         if action_change is not None and action_change.added:
             notes.append(f"actions against --vocab-from: {action_change}")
-        records["action"] = (
-            events["action"]
-            .replace_strict(actions_vocab["raw_id"], actions_vocab["index"], return_dtype=pl.Int16)
-            .to_numpy()
-        )
+        records["action"] = lookup(events["action"], actions_vocab)
     if "weight" in features:
         records["weight"] = events["weight"].to_numpy()
     phases.done("vocabulary")
 
-    user_codes = (events["user"].rank("dense").to_numpy() - 1).astype(np.int32)
+    # Events are sorted by user: a user's code is the number of user changes before its rows.
+    new_user = (events["user"] != events["user"].shift(1)).fill_null(True)
+    user_codes = (new_user.cast(pl.Int32).cum_sum() - 1).to_numpy()
     n_users = int(user_codes[-1]) + 1
     counts = np.bincount(user_codes, minlength=n_users)
     offsets = np.concatenate([[0], np.cumsum(counts)])

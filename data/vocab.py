@@ -50,7 +50,7 @@ def build_index(
 ) -> tuple[pl.DataFrame, VocabChange | None]:
     """A frame (index, raw_id) covering ``values``. New values get indices after ``previous``'s,
     permuted with ``seed`` when ``shuffle`` (items), in sorted order otherwise (actions)."""
-    unique = values.unique().sort().alias("raw_id")
+    unique = _unique_sorted(values).alias("raw_id")
     start, change = FIRST_INDEX, None
     known = None
     if previous is not None:
@@ -66,6 +66,41 @@ def build_index(
     fresh = pl.DataFrame({"index": (start + np.arange(len(unique))).astype(np.int64), "raw_id": unique.gather(order)})
     table = fresh if known is None else pl.concat([known, fresh.cast(known.schema)])
     return table, change
+
+
+def _dense_int_range(values: pl.Series) -> tuple[int, int] | None:
+    """(min, max) when integer IDs span a range small enough for a numpy lookup table."""
+    if not values.dtype.is_integer() or values.len() == 0:
+        return None
+    low, high = int(values.min()), int(values.max())
+    return (low, high) if high - low < max(4 * values.len(), 1 << 20) else None
+
+
+def _unique_sorted(values: pl.Series) -> pl.Series:
+    dense = _dense_int_range(values)
+    if dense is None:
+        return values.unique().sort()
+    low, _ = dense
+    present = np.flatnonzero(np.bincount(values.to_numpy() - low))
+    return pl.Series(values.name, present + low, dtype=values.dtype)
+
+
+def lookup(values: pl.Series, table: pl.DataFrame) -> np.ndarray:
+    """Index of every raw ID in ``values`` under the vocabulary ``table`` (index, raw_id).
+    Integer IDs in a compact range go through a numpy lookup table, several times faster than
+    hashing on 10^8 events; everything else through Polars."""
+    dense = _dense_int_range(values)
+    if dense is None:
+        return values.replace_strict(table["raw_id"], table["index"], return_dtype=pl.Int64).to_numpy()
+    low, high = dense
+    raw = table["raw_id"].to_numpy()
+    inside = (raw >= low) & (raw <= high)
+    lut = np.full(high - low + 1, -1, dtype=np.int64)
+    lut[raw[inside] - low] = table["index"].to_numpy()[inside]
+    indices = lut[values.to_numpy() - low]
+    if (indices < 0).any():
+        raise DataError(f"{int((indices < 0).sum())} IDs are missing from the vocabulary")
+    return indices
 
 
 def load_previous(directory: Path) -> tuple[pl.DataFrame, pl.DataFrame | None]:

@@ -79,6 +79,7 @@ def test_skip_bad_rows_reports_count(tmp_path):
             r"e\.jsonl line 2: not valid JSON",
         ),
         ("e.parquet", "PAR1 truncated", r"e\.parquet: not a readable Parquet file"),
+        ("e.csv", "user_id,item_id,timestamp\n1,2,3\n1,3", r"e\.csv line 3, column 'timestamp': None is not a numeric"),
     ],
 )
 def test_bad_files(tmp_path, name, content, pattern):
