@@ -30,7 +30,7 @@ def lmrec(*args) -> None:
 def main() -> None:
     lmrec("data", "fetch-ml100k", "--cache", CACHE)
     shards = RUN / "shards"
-    lmrec("data", "prepare", "--source", "recbole", "--input", CACHE / "ml-100k", "--out", shards, "--overwrite", "--quiet")
+    lmrec("data", "prepare", "--source", "recbole", "--input", CACHE / "ml-100k", "--out", shards, "--overwrite", "--quiet")  # fmt: skip
     lmrec("data", "inspect", shards, "--verify")
 
 
