@@ -1,0 +1,72 @@
+"""The network: a transformers causal decoder over behavior tokens.
+
+A token is the item's embedding plus, where configured and present, an action embedding and a
+time-gap-bucket embedding. Item embeddings are *given* to the model, not owned by it: training
+looks them up in TorchRec's sharded tables (which DeepSpeed must never see), serving in a plain
+quantized table. The same embeddings are the scoring targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class SequenceRecommender(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_actions: int = 0, num_gaps: int = 0):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.cfg = cfg
+        self.backbone = AutoModel.from_config(cfg.backbone_config())
+        d = cfg.hidden_size
+        self.action_embeddings = nn.Embedding(num_actions, d, padding_idx=0) if cfg.use_actions and num_actions else None
+        self.gap_embeddings = nn.Embedding(num_gaps, d, padding_idx=0) if cfg.use_gaps and num_gaps else None
+        self.input_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        # Action head: [hidden state at t ; embedding of the item at t+1] -> P(positive action).
+        self.action_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1)) if cfg.action_head else None
+        for table in (self.action_embeddings, self.gap_embeddings):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+                with torch.no_grad():
+                    table.weight[0].zero_()
+
+    def encode(
+        self,
+        item_embeddings: torch.Tensor,
+        lengths: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden state after each position, (B, T, D). ``item_embeddings`` is (B, T, D) for
+        right-padded histories of ``lengths``; position t sees positions <= t only."""
+        tokens = item_embeddings
+        if self.action_embeddings is not None and actions is not None:
+            tokens = tokens + self.action_embeddings(actions)
+        if self.gap_embeddings is not None and gaps is not None:
+            tokens = tokens + self.gap_embeddings(gaps)
+        tokens = self.dropout(self.input_norm(tokens))
+        width = tokens.shape[1]
+        mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
+        return self.backbone(inputs_embeds=tokens, attention_mask=mask).last_hidden_state
+
+    def item_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings as scoring targets."""
+        return F.normalize(embeddings, dim=-1) if self.cfg.normalize else embeddings
+
+    def scores(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states (N, D) against candidate item embeddings (C, D)."""
+        if self.cfg.normalize:
+            return F.normalize(hidden, dim=-1) @ F.normalize(candidates, dim=-1).T / self.cfg.temperature
+        return hidden @ candidates.T
+
+    def action_logits(self, hidden: torch.Tensor, next_item_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.action_head(torch.cat([hidden, next_item_embeddings], dim=-1)).squeeze(-1)
+
+    def last_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The hidden state after each history's last real event, (B, D)."""
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), (lengths - 1).clamp(min=0)]
