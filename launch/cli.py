@@ -171,10 +171,33 @@ def _add_data(sub) -> None:
     p.set_defaults(func=cmd_data_fetch)
 
 
+class UsageError(Exception):
+    """A bad configuration, reported as one line before anything is built."""
+
+
+def cmd_train(args) -> int:
+    from train.config import ConfigError
+    from train.train import main as train_main
+
+    try:
+        train_main(args.config, args.set)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (one process, or under torchrun / the deepspeed launcher)")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/ml-100k.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmrec", description="generative recommenders as causal language models")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_train(sub)
     return parser
 
 
@@ -185,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DataError as e:
+        print(f"lmrec: error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
         print(f"lmrec: error: {e}", file=sys.stderr)
         return 2
 

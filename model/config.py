@@ -35,15 +35,21 @@ class ModelConfig:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         if self.backbone not in CONFIG_MAPPING:
-            raise ValueError(f"model.backbone: unknown transformers model type {self.backbone!r} (e.g. llama, qwen2, gpt2)")
+            raise ValueError(
+                f"model.backbone: unknown transformers model type {self.backbone!r} (e.g. llama, qwen2, gpt2)"
+            )
         if self.backbone not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"model.backbone: {self.backbone!r} is not a causal language model in transformers")
         if self.loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.negative_sampler not in NEGATIVE_SAMPLERS:
-            raise ValueError(f"model.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}")
+            raise ValueError(
+                f"model.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
         if min(self.hidden_size, self.num_layers, self.num_heads, self.max_len) < 1 or self.temperature <= 0:
             raise ValueError("model sizes must be positive and model.temperature > 0")
         if self.loss == "sampled" and self.num_negatives < 1:

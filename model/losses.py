@@ -46,7 +46,9 @@ def sampled_softmax_loss(
     return weighted_mean(F.cross_entropy(logits, zeros, reduction="none"), weights)
 
 
-def in_batch_loss(logits: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def in_batch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """``logits`` (N, N): position i against every position's target; the diagonal is positive."""
     logits = logits - log_q[None, :]
     same = (targets[None, :] == targets[:, None]) & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)

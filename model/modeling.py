@@ -23,7 +23,9 @@ class SequenceRecommender(nn.Module):
         self.cfg = cfg
         self.backbone = AutoModel.from_config(cfg.backbone_config())
         d = cfg.hidden_size
-        self.action_embeddings = nn.Embedding(num_actions, d, padding_idx=0) if cfg.use_actions and num_actions else None
+        self.action_embeddings = (
+            nn.Embedding(num_actions, d, padding_idx=0) if cfg.use_actions and num_actions else None
+        )
         self.gap_embeddings = nn.Embedding(num_gaps, d, padding_idx=0) if cfg.use_gaps and num_gaps else None
         self.input_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -35,7 +37,7 @@ class SequenceRecommender(nn.Module):
                 with torch.no_grad():
                     table.weight[0].zero_()
 
-    def encode(
+    def forward(
         self,
         item_embeddings: torch.Tensor,
         lengths: torch.Tensor,

@@ -23,12 +23,12 @@ def test_changing_later_tokens_leaves_earlier_predictions_unchanged(backbone):
     gaps = torch.randint(1, 8, (2, 10))
     lengths = torch.tensor([10, 7])
     with torch.no_grad():
-        before = model.encode(items, lengths, actions, gaps)
+        before = model(items, lengths, actions, gaps)
         t = 4
         items2, actions2 = items.clone(), actions.clone()
         items2[:, t + 1 :] = torch.randn(2, 10 - t - 1, 16)
         actions2[:, t + 1 :] = 2
-        after = model.encode(items2, lengths, actions2, gaps)
+        after = model(items2, lengths, actions2, gaps)
     assert before.shape == (2, 10, 16)
     assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-5)
     assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :], atol=1e-3)
@@ -40,9 +40,9 @@ def test_padding_does_not_change_real_positions():
     items = torch.randn(1, 6, 16)
     lengths = torch.tensor([4])
     with torch.no_grad():
-        a = model.encode(items, lengths)
+        a = model(items, lengths)
         padded = torch.cat([items[:, :4], torch.zeros(1, 2, 16)], dim=1)
-        b = model.encode(padded, lengths)
+        b = model(padded, lengths)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)
     assert torch.equal(model.last_hidden(a, lengths), a[:, 3])
 
@@ -75,7 +75,9 @@ def test_sampled_softmax_masks_accidental_hits_and_applies_log_q():
     negative_logits = torch.tensor([[1.0, 3.0, 0.5]])
     targets = torch.tensor([9])  # negative 9 is the target itself: masked
     log_q = torch.log(torch.tensor([0.1, 0.2, 0.3]))
-    loss = sampled_softmax_loss(positive, negative_logits, targets, negatives, torch.log(torch.tensor([0.2])), log_q, torch.ones(1))
+    loss = sampled_softmax_loss(
+        positive, negative_logits, targets, negatives, torch.log(torch.tensor([0.2])), log_q, torch.ones(1)
+    )
     kept = torch.tensor([2.0 - math.log(0.2), 1.0 - math.log(0.1), 0.5 - math.log(0.3)])
     assert math.isclose(loss.item(), F.cross_entropy(kept[None], torch.tensor([0])).item(), rel_tol=1e-6)
 

@@ -1,0 +1,207 @@
+"""Evaluation metrics against hand-computed values, and the all-gather across real gloo ranks."""
+
+import json
+import math
+import socket
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from train.metrics import (
+    RankingMetrics,
+    binary_metrics,
+    paired_bootstrap,
+    popularity_scores,
+    seen_mask,
+    target_ranks,
+)
+
+# Columns 0 and 1 are padding / unknown: high scores there must never count.
+SCORES = torch.tensor(
+    [
+        [9.0, 9.0, 0.5, 0.7, 0.5, 0.1],
+        [0.0, 0.0, 0.2, 0.9, 0.8, 0.3],
+    ]
+)
+TARGETS = torch.tensor([2, 5])
+
+
+def test_target_ranks_by_hand():
+    # row 0, target col 2 (0.5): col 3 (0.7) is higher -> 1; col 4 (0.5) ties -> +1 (pessimistic);
+    #   col 5 (0.1) lower; cols 0, 1 (9.0) reserved -> rank 2.
+    # row 1, target col 5 (0.3): cols 3 (0.9) and 4 (0.8) higher; col 2 (0.2) lower -> rank 2.
+    assert target_ranks(SCORES, TARGETS).tolist() == [2, 2]
+    # With row 1 excluding cols 3 and 5 (5 is the target, which is never excluded): only col 4 is
+    # higher -> rank 1. Excluding col 4 in row 0 removes the tie -> rank 1.
+    exclude = torch.zeros(2, 6, dtype=torch.bool)
+    exclude[0, 4] = True
+    exclude[1, 3] = exclude[1, 5] = True
+    assert target_ranks(SCORES, TARGETS, exclude).tolist() == [1, 1]
+    # reserved=0 makes cols 0, 1 candidates: row 0 gains two higher (9.0) -> 4; row 1 gains two
+    # zeros below 0.3 -> still 2.
+    assert target_ranks(SCORES, TARGETS, reserved=0).tolist() == [4, 2]
+
+
+def test_target_ranks_constant_and_nan_scores_rank_last():
+    # A constant model ties with the 3 other non-reserved items (cols 2, 4, 5) -> rank 3.
+    assert target_ranks(torch.zeros(1, 6), torch.tensor([3])).tolist() == [3]
+    # A NaN target score is treated as -inf: the 3 finite candidates are ahead of it.
+    nan_target = torch.tensor([[0.0, 0.0, 1.0, float("nan"), 2.0, 3.0]])
+    assert target_ranks(nan_target, torch.tensor([3])).tolist() == [3]
+
+
+def test_seen_mask_and_popularity():
+    # user 0 saw items 3 and 5, user 1 nothing, user 2 saw item 2.
+    mask = seen_mask(torch.tensor([3, 5, 2]), torch.tensor([2, 0, 1]), num_items=6)
+    expected = torch.zeros(3, 6, dtype=torch.bool)
+    expected[0, 3] = expected[0, 5] = expected[2, 2] = True
+    assert torch.equal(mask, expected)
+    with pytest.raises(ValueError):
+        seen_mask(torch.tensor([3]), torch.tensor([2]), num_items=6)
+
+    counts = torch.tensor([100, 50, 7, 9, 7, 1])
+    scores = popularity_scores(counts)
+    assert scores.dtype == torch.float64 and scores.tolist() == [100.0, 50.0, 7.0, 9.0, 7.0, 1.0]
+    # A shared [V] score vector broadcasts over users. Target 2 (7): col 3 (9) higher, col 4 (7)
+    # ties -> 2. Target 5 (1) with col 3 seen: cols 2, 4 -> 2.
+    seen = seen_mask(torch.tensor([3]), torch.tensor([0, 1]), num_items=6)
+    assert target_ranks(scores, torch.tensor([2, 5]), seen).tolist() == [2, 2]
+
+
+def test_ranking_metrics_by_hand():
+    metrics = RankingMetrics()
+    metrics.update(torch.tensor([0, 2]))
+    # The trailing weight-0 user is loader padding: rank 0 would inflate every metric if counted.
+    metrics.update(torch.tensor([9, 60, 0]), weights=torch.tensor([1.0, 1.0, 0.0]))
+    result = metrics.compute()
+    assert result["users"] == 4
+    # ranks 0, 2, 9, 60
+    expected = {
+        "HR@1": 1 / 4,  # only rank 0
+        "HR@5": 2 / 4,  # ranks 0, 2
+        "HR@10": 3 / 4,  # ranks 0, 2, 9
+        "HR@50": 3 / 4,
+        "HR@200": 4 / 4,
+        "NDCG@1": 1 / 4,  # 1/log2(2) = 1
+        "NDCG@5": (1 + 0.5) / 4,  # + 1/log2(4) = 0.5 -> 0.375
+        "NDCG@10": (1 + 0.5 + 1 / math.log2(11)) / 4,  # 1/3.45943 = 0.28906 -> 0.44727
+        "NDCG@50": (1 + 0.5 + 1 / math.log2(11)) / 4,
+        "NDCG@200": (1 + 0.5 + 1 / math.log2(11) + 1 / math.log2(62)) / 4,  # + 1/5.95420 = 0.16795 -> 0.48925
+        "MRR": (1 + 1 / 3 + 1 / 10 + 1 / 61) / 4,  # (1 + 0.33333 + 0.1 + 0.01639) / 4 = 0.36243
+    }
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value), name
+    assert result["NDCG@10"] == pytest.approx(0.447266, abs=1e-6)
+    assert result["MRR"] == pytest.approx(0.362432, abs=1e-6)
+    assert metrics.per_user("HR@5").tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert set(metrics.compute(ks=(3,))) == {"HR@3", "NDCG@3", "MRR", "users"}
+    with pytest.raises(ValueError):
+        metrics.per_user("NDCG")
+
+    empty = RankingMetrics().compute(ks=(10,))
+    assert empty["users"] == 0 and math.isnan(empty["HR@10"])
+    # Without a process group gather() changes nothing.
+    metrics.gather()
+    assert metrics.compute() == result
+
+
+def _metrics_from(ranks: np.ndarray) -> RankingMetrics:
+    metrics = RankingMetrics()
+    metrics.update(torch.from_numpy(ranks))
+    return metrics
+
+
+def test_bootstrap_contains_point_and_narrows():
+    rng = np.random.default_rng(1)
+    small = _metrics_from(rng.geometric(0.05, size=200) - 1)
+    large = _metrics_from(rng.geometric(0.05, size=20000) - 1)
+    widths = []
+    for metrics in (small, large):
+        point = metrics.compute(ks=(10,))["NDCG@10"]
+        low, high = metrics.bootstrap("NDCG", 10, samples=200, seed=0)
+        assert low <= point <= high
+        assert (low, high) == metrics.bootstrap("NDCG@10", samples=200, seed=0)  # same seed, same interval
+        widths.append(high - low)
+    # sqrt(100) = 10x more users -> about 10x narrower; a 3x margin keeps this robust.
+    assert widths[1] < widths[0] / 3
+    low, high = small.bootstrap("MRR", samples=200)
+    assert low <= small.compute()["MRR"] <= high
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(2)
+    a = rng.random(500)
+    # A constant improvement of 0.1 on every user: no variance, the interval collapses onto it.
+    mean, low, high = paired_bootstrap(a, a + 0.1, samples=100)
+    assert mean == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    b = a + rng.normal(0.05, 0.2, size=500)
+    mean, low, high = paired_bootstrap(a, b, samples=300)
+    assert low < mean < high and mean == pytest.approx(float((b - a).mean()))
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:10])
+
+
+def test_binary_metrics_by_hand():
+    probabilities = torch.tensor([0.9, 0.6, 0.6, 0.3, 0.2])
+    labels = torch.tensor([1, 1, 0, 0, 1])
+    result = binary_metrics(probabilities, labels)
+    # positives 0.9, 0.6, 0.2 vs negatives 0.6, 0.3, all 6 pairs:
+    # (0.9,0.6)=1 (0.9,0.3)=1 (0.6,0.6)=0.5 tie (0.6,0.3)=1 (0.2,0.6)=0 (0.2,0.3)=0 -> 3.5 / 6
+    assert result["AUC"] == pytest.approx(3.5 / 6)
+    # predicted positive (>= 0.5): 0.9, 0.6, 0.6 -> TP 2, FP 1, FN 1 (0.2), TN 1 (0.3)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["recall"] == pytest.approx(2 / 3)
+    assert result["F1"] == pytest.approx(2 / 3)  # 2 * (2/3) * (2/3) / (4/3)
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["count"] == 5
+    # A constant predictor: every pair ties -> 0.5.
+    assert binary_metrics(torch.full((4,), 0.3), torch.tensor([0, 1, 0, 1]))["AUC"] == pytest.approx(0.5)
+    one_class = binary_metrics(torch.tensor([0.2, 0.7]), torch.tensor([1, 1]))
+    assert math.isnan(one_class["AUC"]) and one_class["recall"] == pytest.approx(0.5)
+
+
+# Rank 0 holds 3 users, rank 1 holds 3 plus a padding user: uneven counts on purpose.
+_ALL_RANKS = [0, 2, 9, 60, 1, 250]
+_SHARDS = [([0, 2, 9], [1.0, 1.0, 1.0]), ([60, 1, 250, 0], [1.0, 1.0, 1.0, 0.0])]
+
+
+def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    if os.uname().sysname == "Linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        ranks, weights = _SHARDS[rank]
+        metrics = RankingMetrics()
+        metrics.update(torch.tensor(ranks), torch.tensor(weights))
+        metrics.gather()
+        metrics.gather()  # idempotent: must not duplicate users
+        result = {"compute": metrics.compute(), "ranks": metrics.ranks.tolist()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_gather_across_gloo_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    expected = _metrics_from(np.array(_ALL_RANKS)).compute()
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["ranks"] == _ALL_RANKS
+        assert result["compute"] == pytest.approx(expected)

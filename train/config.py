@@ -1,0 +1,206 @@
+"""The training configuration: nested typed dataclasses, filled from a YAML recipe in configs/
+and ``--set a.b=c`` overrides, validated in ``__post_init__``. DeepSpeed's JSON is generated
+from it (``deepspeed_config``), never kept by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from model.config import ModelConfig
+
+SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    batch_size: int = 64  # per rank
+    eval_batch_size: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 2048
+
+    def __post_init__(self):
+        if not self.shards:
+            raise ConfigError("data.shards: the prepared shard directory is required")
+        if min(self.batch_size, self.eval_batch_size) < 1 or self.num_workers < 0:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1, data.num_workers >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    grad_accumulation: int = 1
+
+    def __post_init__(self):
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ConfigError(
+                f"optim.sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_optimizer!r}"
+            )
+        if self.grad_accumulation != 1:
+            # TorchRec's fused optimizer updates the item tables inside every backward; accumulating
+            # only the dense gradients would train the two parts on different effective batches.
+            raise ConfigError(
+                "optim.grad_accumulation must be 1: the fused sparse optimizer updates item embeddings in every "
+                "backward, so accumulation would treat embeddings and dense weights differently; raise data.batch_size instead"
+            )
+        if self.lr <= 0 or self.sparse_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.lr and optim.sparse_lr must be > 0, optim.min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"
+    sharding: str = "row_wise"  # how TorchRec shards the item table
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.sharding not in SHARDING_TYPES:
+            raise ConfigError(f"parallel.sharding must be one of {SHARDING_TYPES}, got {self.sharding!r}")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ConfigError("parallel.precision bf16 needs zero_stage >= 1 (stage 0 keeps no fp32 master weights)")
+
+    def check_world(self, world_size: int) -> None:
+        """The parallel settings against the actual world, before anything is built."""
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    max_steps: int = 0  # 0: no limit
+    eval_every: int = 1  # epochs
+    patience: int = 3  # evaluations without a better validation NDCG@10 before stopping
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1 or self.max_steps < 0:
+            raise ConfigError("schedule.epochs, eval_every and patience must be >= 1, max_steps >= 0")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50, 200])
+    filter_seen: bool = True
+    bootstrap_samples: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    metrics_port: int = 0  # Prometheus exporter on 127.0.0.1:(port + global rank); 0 = off
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def deepspeed_config(self) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": self.data.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.optim.grad_clip,
+            "zero_optimization": {"stage": self.parallel.zero_stage},
+            "bf16": {"enabled": self.parallel.precision == "bf16"},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
+
+def _build(cls, values: dict, path: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config field {where}{unknown[0]}; {path or 'the config'} has {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{path}.{name}" if path else name)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _coerce(value, hint, path: str):
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin):
+        raise ConfigError(f"{path}: expected {origin.__name__}, got {value!r}")
+    if origin is int and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected int, got {value!r}")
+    return value
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects a.b=value, got {assignment!r}")
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    tree.setdefault("data", {})
+    return _build(Config, tree, "")
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values, "")

@@ -1,0 +1,94 @@
+"""Process setup: the one place that reads the launcher's environment and picks the device.
+
+torchrun and the deepspeed launcher both set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT; SLURM's srun sets SLURM_* instead. Without any of them, lmrec runs as
+one plain process (a process group of one, so TorchRec and DeepSpeed need no special case).
+GPUs present: CUDA + NCCL, one device per local rank. Otherwise: CPU + gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ComputeEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher_env() -> dict[str, str]:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", "1"),
+        }
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+
+
+def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
+    """Initialises the process group and seeds every generator; call once per process."""
+    os.environ.update(_launcher_env())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by its
+        # inference kernels: ~30 s and a compiler on every fresh machine, for nothing here.
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return ComputeEnv(rank, world, local_rank, local_world, device, backend)
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,23 @@
+"""`lmrec train`: parse the config, build, train, clean up. Runs as one plain process, under
+torchrun, or under the deepspeed launcher; train/distributed.py reads whichever environment."""
+
+from __future__ import annotations
+
+from train.config import load_config
+from train.distributed import compute_cleanup, compute_init
+
+
+def main(config_path: str | None, overrides: list[str]) -> dict:
+    cfg = load_config(config_path, overrides)  # every config error surfaces before any process group
+    from data.shards import load_manifest
+    from train.trainer import Trainer, check_data
+
+    check_data(cfg, load_manifest(cfg.data.shards))
+    cfg.parallel.check_world(1)
+    env = compute_init(seed=cfg.schedule.seed)
+    try:
+        cfg.parallel.check_world(env.world_size)
+        trainer = Trainer(cfg, env)
+        return trainer.train()
+    finally:
+        compute_cleanup()

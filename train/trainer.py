@@ -1,0 +1,323 @@
+"""The Trainer: builds the sharded item table, the DeepSpeed engine and the loaders; then
+``train_step``, ``evaluate`` and ``train`` (early stopping on validation NDCG@10, the test split
+scored once with the best validation weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as dist
+
+from data.loader import LoaderConfig, iterate_epoch, make_loader
+from data.shards import load_manifest
+from model.losses import RESERVED, full_softmax_loss, in_batch_loss, sampled_softmax_loss
+from model.modeling import SequenceRecommender
+from train.config import Config, ConfigError
+from train.distributed import ComputeEnv
+from train.embeddings import ItemEmbeddings
+from train.metrics import RankingMetrics, popularity_scores, seen_mask, target_ranks
+
+
+def check_data(cfg: Config, manifest: dict) -> None:
+    """Everything about the shards that can be wrong, before any model or process group work."""
+    counts = manifest["counts"]["samples_per_split"]
+    for split in ("train", "valid", "test"):
+        if counts.get(split, 0) == 0:
+            raise ConfigError(f"{cfg.data.shards}: the {split} split is empty; training needs all three")
+    if manifest["vocab"]["items"] <= RESERVED:
+        raise ConfigError(f"{cfg.data.shards}: the item vocabulary is empty")
+    if cfg.model.action_head:
+        raise ConfigError("model.action_head: the auxiliary action head is not trained yet in this version")
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: ComputeEnv):
+        import deepspeed
+
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.output.dir)
+        self.manifest = load_manifest(cfg.data.shards)
+        check_data(cfg, self.manifest)
+        vocab, features = self.manifest["vocab"], self.manifest["features"]
+        self.num_items = vocab["items"]
+        self.items = ItemEmbeddings(
+            self.num_items,
+            cfg.model.hidden_size,
+            env,
+            cfg.parallel.sharding,
+            cfg.optim.sparse_optimizer,
+            cfg.optim.sparse_lr,
+            cfg.schedule.seed,
+        )
+        torch.manual_seed(cfg.schedule.seed)
+        num_actions = vocab["actions"] if "action" in features else 0
+        num_gaps = vocab["gaps"] if "gap" in features else 0
+        model = SequenceRecommender(cfg.model, num_actions, num_gaps)
+        self.train_data, self.train_loader = make_loader(
+            cfg.data.shards,
+            LoaderConfig(
+                split="train",
+                batch_size=cfg.data.batch_size,
+                max_len=cfg.model.max_len,
+                seed=cfg.schedule.seed,
+                num_workers=cfg.data.num_workers,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+            ),
+            env.rank,
+            env.world_size,
+        )
+        self.steps_per_epoch = len(self.train_data)
+        total = self.steps_per_epoch * cfg.schedule.epochs
+        if cfg.schedule.max_steps:
+            total = min(total, cfg.schedule.max_steps)
+        self.total_steps = total
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
+        )
+        # The dense model alone: TorchRec's parameters must never reach DeepSpeed.
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg.deepspeed_config()
+        )
+        self.model = model
+        self.check_parameter_ownership()
+        items = pl.read_parquet(Path(cfg.data.shards) / "items.parquet")
+        counts = torch.zeros(self.num_items, dtype=torch.float64)
+        counts[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
+        self.popularity = counts
+        # Sampled-softmax proposal: uniform over real items, or popularity (count + 1).
+        weights = torch.ones(self.num_items) if cfg.model.negative_sampler == "uniform" else counts.float() + 1.0
+        weights[:RESERVED] = 0.0
+        self.proposal = weights / weights.sum()
+        self.step = 0
+        self.history: list[dict] = []
+        self.losses: list[float] = []  # this rank's loss at every step
+
+    def check_parameter_ownership(self) -> None:
+        """DeepSpeed must hold no TorchRec parameter: it would overwrite other ranks' shards."""
+        dense = {id(p) for p in self.engine.parameters()} | {
+            id(p) for g in self.engine.optimizer.param_groups for p in g["params"]
+        }
+        shared = [p for p in self.items.parameters() if id(p) in dense]
+        if shared:
+            raise RuntimeError(
+                f"DeepSpeed holds {len(shared)} TorchRec parameter(s); the item table must stay outside it"
+            )
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Looks every distinct id up once; returns (unique ids, embeddings) for ``index_of``."""
+        unique = torch.unique(ids)
+        return unique, self.items.lookup(unique)
+
+    def train_step(self, batch: dict) -> float:
+        cfg, device = self.cfg.model, self.env.device
+        self.engine.train()
+        items = batch["items"].to(device)
+        lengths = batch["lengths"].to(device)
+        inputs, targets = items[:, :-1], items[:, 1:]
+        input_lengths = (lengths - 1).clamp(min=0)
+        positions = torch.arange(inputs.shape[1], device=device)[None, :] < input_lengths[:, None]
+        weights = batch["weights"].to(device)[:, None].expand_as(positions)[positions]
+        negatives = None
+        if cfg.loss == "full":
+            table = self.items.lookup(torch.arange(self.num_items))
+            input_embeddings = table[inputs]
+        else:
+            wanted = [inputs.reshape(-1), targets.reshape(-1)]
+            if cfg.loss == "sampled":
+                negatives = torch.multinomial(self.proposal, cfg.num_negatives, replacement=True).to(device)
+                wanted.append(negatives)
+            unique, vectors = self._embed(torch.cat(wanted))
+
+            def embed(ids):
+                return vectors[torch.searchsorted(unique, ids)]
+
+            input_embeddings = embed(inputs)
+        actions = batch["actions"][:, :-1].to(device) if "actions" in batch else None
+        gaps = batch["gaps"][:, :-1].to(device) if "gaps" in batch else None
+        hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions]
+        target = targets[positions]
+        if cfg.loss == "full":
+            loss = full_softmax_loss(self.model.scores(hidden, table), target, weights)
+        elif cfg.loss == "sampled":
+            target_vectors = embed(target)
+            positive = (self.model.scores(hidden, target_vectors)).diagonal() if len(target) else hidden.sum(-1)
+            log_q = torch.log(self.proposal.to(device) * cfg.num_negatives)
+            loss = sampled_softmax_loss(
+                positive,
+                self.model.scores(hidden, embed(negatives)),
+                target,
+                negatives,
+                log_q[target],
+                log_q[negatives],
+                weights,
+            )
+        else:
+            log_q = torch.log(self.popularity.float().to(device) + 1.0)
+            loss = in_batch_loss(self.model.scores(hidden, embed(target)), target, log_q[target], weights)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        device = self.env.device
+        self.engine.eval()
+        dataset, loader = make_loader(
+            self.cfg.data.shards,
+            LoaderConfig(
+                split=split,
+                batch_size=self.cfg.data.eval_batch_size,
+                max_len=self.cfg.model.max_len,
+                num_workers=self.cfg.data.num_workers,
+                with_seen=self.cfg.eval.filter_seen,
+            ),
+            self.env.rank,
+            self.env.world_size,
+        )
+        table = self.items.full_table()
+        popularity = popularity_scores(self.popularity).to(device)
+        model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
+        for batch in iterate_epoch(dataset, loader, epoch=0):
+            items, lengths = batch["items"].to(device), batch["lengths"].to(device)
+            actions = batch["actions"].to(device) if "actions" in batch else None
+            gaps = batch["gaps"].to(device) if "gaps" in batch else None
+            hidden = self.model.last_hidden(self.engine(table[items], lengths, actions, gaps), lengths)
+            exclude = None
+            if self.cfg.eval.filter_seen:
+                exclude = seen_mask(batch["seen_items"].to(device), batch["seen_lengths"].to(device), self.num_items)
+            targets = batch["target_items"].to(device)
+            weights = batch["weights"]
+            model_metrics.update(target_ranks(self.model.scores(hidden, table), targets, exclude).cpu(), weights)
+            popularity_metrics.update(target_ranks(popularity, targets, exclude).cpu(), weights)
+        model_metrics.gather()
+        popularity_metrics.gather()
+        ks = tuple(self.cfg.eval.ks)
+        return {
+            "model": model_metrics.compute(ks),
+            "popularity": popularity_metrics.compute(ks),
+            "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=self.cfg.eval.bootstrap_samples),
+        }
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict:
+        """The current weights, this rank's share, in memory: dense module and item shards."""
+        dense = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        sparse = [s.tensor.detach().clone() for s in self.items._shards()]
+        if self.cfg.parallel.zero_stage == 3:
+            dense = {id(p): p.ds_tensor.detach().clone() for p in self.engine.module.parameters()}
+        return {"dense": dense, "sparse": sparse}
+
+    @torch.no_grad()
+    def _restore(self, snapshot: dict) -> None:
+        if self.cfg.parallel.zero_stage == 3:
+            for p in self.engine.module.parameters():
+                p.ds_tensor.copy_(snapshot["dense"][id(p)])
+        else:
+            self.engine.module.load_state_dict(snapshot["dense"])
+        for shard, saved in zip(self.items._shards(), snapshot["sparse"]):
+            shard.tensor.copy_(saved)
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        best, best_snapshot, stale = -1.0, None, 0
+        started = time.perf_counter()
+        tokens = 0
+        stop = False
+        for epoch in range(cfg.schedule.epochs):
+            losses = []
+            for batch in iterate_epoch(self.train_data, self.train_loader, epoch):
+                losses.append(self.train_step(batch))
+                tokens += int((batch["lengths"] - 1).clamp(min=0).sum())
+                if self.step % cfg.schedule.log_every == 0:
+                    elapsed = time.perf_counter() - started
+                    eta = elapsed / self.step * (self.total_steps - self.step)
+                    lr = self.engine.get_lr()[0]
+                    self.log(
+                        f"step {self.step}/{self.total_steps} epoch {epoch} loss {np.mean(losses[-cfg.schedule.log_every :]):.4f} "
+                        f"lr {lr:.2e} tokens/s {tokens * self.env.world_size / elapsed:,.0f} eta {eta:,.0f}s"
+                    )
+                if cfg.schedule.max_steps and self.step >= cfg.schedule.max_steps:
+                    stop = True
+                    break
+            if (epoch + 1) % cfg.schedule.eval_every == 0 or stop or epoch == cfg.schedule.epochs - 1:
+                result = self.evaluate("valid")
+                ndcg = result["model"]["NDCG@10"]
+                self.history.append(
+                    {
+                        "epoch": epoch,
+                        "step": self.step,
+                        "train_loss": float(np.mean(losses)) if losses else None,
+                        "valid": result,
+                    }
+                )
+                self.log(
+                    f"epoch {epoch} valid NDCG@10 {ndcg:.4f} HR@10 {result['model']['HR@10']:.4f} (popularity {result['popularity']['NDCG@10']:.4f})"
+                )
+                if ndcg > best:
+                    best, best_snapshot, stale = ndcg, self._snapshot(), 0
+                else:
+                    stale += 1
+                    if stale >= cfg.schedule.patience:
+                        self.log(f"early stop: no better validation NDCG@10 for {stale} evaluations")
+                        break
+            if stop:
+                break
+        if best_snapshot is not None:
+            self._restore(best_snapshot)
+        test = self.evaluate("test")
+        summary = {
+            "config": cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "steps": self.step,
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "tokens_per_s": round(tokens * self.env.world_size / max(time.perf_counter() - started, 1e-9)),
+            "best_valid_ndcg10": best,
+            "history": self.history,
+            "losses": self.losses,
+            "test": test,
+        }
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+            print(metrics_table(test))
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+
+
+def metrics_table(result: dict) -> str:
+    keys = [k for k in result["model"] if k != "users"]
+    lines = [f"{'metric':<10}{'model':>10}{'popularity':>12}"]
+    for key in keys:
+        lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'][key]:>12.4f}")
+    low, high = result["model_ndcg10_ci"]
+    lines.append(f"test users {result['model']['users']}; model NDCG@10 95% bootstrap interval [{low:.4f}, {high:.4f}]")
+    return "\n".join(lines)
