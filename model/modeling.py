@@ -46,7 +46,8 @@ class SequenceRecommender(nn.Module):
     ) -> torch.Tensor:
         """Hidden state after each position, (B, T, D). ``item_embeddings`` is (B, T, D) for
         right-padded histories of ``lengths``; position t sees positions <= t only."""
-        tokens = item_embeddings
+        # The lookup may hand fp32 rows to a bf16 model (TorchRec tables stay fp32).
+        tokens = item_embeddings.to(self.input_norm.weight.dtype)
         if self.action_embeddings is not None and actions is not None:
             tokens = tokens + self.action_embeddings(actions)
         if self.gap_embeddings is not None and gaps is not None:

@@ -153,7 +153,7 @@ class Trainer:
             input_embeddings = embed(inputs)
         actions = batch["actions"][:, :-1].to(device) if "actions" in batch else None
         gaps = batch["gaps"][:, :-1].to(device) if "gaps" in batch else None
-        hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions]
+        hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions].float()
         target = targets[positions]
         if cfg.loss == "full":
             loss = full_softmax_loss(self.model.scores(hidden, table), target, weights)
@@ -204,7 +204,7 @@ class Trainer:
             items, lengths = batch["items"].to(device), batch["lengths"].to(device)
             actions = batch["actions"].to(device) if "actions" in batch else None
             gaps = batch["gaps"].to(device) if "gaps" in batch else None
-            hidden = self.model.last_hidden(self.engine(table[items], lengths, actions, gaps), lengths)
+            hidden = self.model.last_hidden(self.engine(table[items], lengths, actions, gaps), lengths).float()
             exclude = None
             if self.cfg.eval.filter_seen:
                 exclude = seen_mask(batch["seen_items"].to(device), batch["seen_lengths"].to(device), self.num_items)
