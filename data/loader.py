@@ -1,10 +1,10 @@
 """Streaming shards into padded batches, split disjointly and completely over ranks and workers.
 
 Every (rank, dataloader worker) pair is a *slot*. Each epoch the shard list is shuffled with a
-seed derived from (seed, epoch); with at least as many shards as slots, shard i goes to slot
-i % slots; with fewer (small data sets), every slot reads every shard and keeps the eligible
-samples whose running index is congruent to its slot. Either way each sample lands in exactly one
-slot, and every slot's sample count is known from the manifest before reading.
+seed derived from (seed, epoch). Shard i goes to slot i % slots when that keeps the slots within
+5 % of each other; otherwise (few or uneven shards) every slot reads every shard and keeps the
+eligible samples whose running index is congruent to its slot. Either way each sample lands in
+exactly one slot, and every slot's sample count is known from the manifest before reading.
 
 Collectives hang when ranks run different numbers of steps, so every rank yields exactly
 ``steps_per_epoch`` batches: a rank with fewer real batches appends zero-weight padding batches
@@ -73,17 +73,28 @@ def plan_epoch(manifest: dict, cfg: LoaderConfig, world_size: int, epoch: int) -
     order = list(range(len(counts)))
     if cfg.shuffle and cfg.split == "train":
         order = list(np.random.default_rng([cfg.seed, epoch]).permutation(len(counts)))
-    slots = []
-    if len(order) >= n_slots:
+
+    def whole_shards() -> list[SlotPlan]:
+        plans = []
         for slot in range(n_slots):
             mine = [int(i) for i in order[slot::n_slots]]
-            slots.append(SlotPlan(mine, 1, 0, sum(counts[i] for i in mine), 0))
-    else:
+            plans.append(SlotPlan(mine, 1, 0, sum(counts[i] for i in mine), 0))
+        return plans
+
+    def strided() -> list[SlotPlan]:
         total = sum(counts)
-        for slot in range(n_slots):
-            slots.append(
-                SlotPlan([int(i) for i in order], n_slots, slot, max(0, math.ceil((total - slot) / n_slots)), 0)
-            )
+        return [
+            SlotPlan([int(i) for i in order], n_slots, slot, max(0, math.ceil((total - slot) / n_slots)), 0)
+            for slot in range(n_slots)
+        ]
+
+    slots = strided()
+    if len(order) >= n_slots:
+        # Whole shards read less, but with few or uneven shards some slots would idle on
+        # padding batches: keep them only when they cost at most 5 % more steps.
+        candidate = whole_shards()
+        if max(s.samples for s in candidate) <= 1.05 * max(s.samples for s in slots):
+            slots = candidate
     for s in slots:
         s.batches = math.ceil(s.samples / cfg.batch_size)
     per_rank = [sum(s.batches for s in slots[r * workers : (r + 1) * workers]) for r in range(world_size)]

@@ -186,11 +186,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from train.evaluate import evaluate_saved, metrics_table
+
+    try:
+        result = evaluate_saved(args.model, args.split, args.shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(metrics_table(result))
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (one process, or under torchrun / the deepspeed launcher)")
     p.add_argument("--config", help="YAML recipe, e.g. configs/ml-100k.yaml")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved model (RUN/best) on a split, in one process")
+    p.add_argument("--model", type=Path, required=True, help="a saved model directory, e.g. runs/demo/train/best")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--shards", help="default: the shards the model was trained on")
+    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

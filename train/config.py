@@ -92,12 +92,14 @@ class ScheduleConfig:
     max_steps: int = 0  # 0: no limit
     eval_every: int = 1  # epochs
     patience: int = 3  # evaluations without a better validation NDCG@10 before stopping
+    max_minutes: float = 0.0  # 0: no limit; else stop training after this wall time (evaluation follows)
     seed: int = 0
     log_every: int = 50
+    time_phases: bool = False  # measure data / sparse / dense / loss / backward / optimizer time per step
 
     def __post_init__(self):
-        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1 or self.max_steps < 0:
-            raise ConfigError("schedule.epochs, eval_every and patience must be >= 1, max_steps >= 0")
+        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1 or self.max_steps < 0 or self.max_minutes < 0:
+            raise ConfigError("schedule.epochs, eval_every and patience must be >= 1, max_steps and max_minutes >= 0")
 
 
 @dataclass

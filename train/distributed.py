@@ -8,6 +8,7 @@ GPUs present: CUDA + NCCL, one device per local rank. Otherwise: CPU + gloo.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import socket
@@ -61,8 +62,25 @@ def _launcher_env() -> dict[str, str]:
     }
 
 
+def _keep_freed_memory() -> None:
+    """Stops glibc from returning every large freed block to the kernel. A training step allocates
+    and frees the same few hundred MB (logits, activations); with glibc's defaults each block is a
+    fresh mmap that is page-faulted in again, which cost a third of every CPU step here."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 2**31 - 1)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    libc.mallopt(m_top_pad, 1 << 28)
+
+
 def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
     """Initialises the process group and seeds every generator; call once per process."""
+    _keep_freed_memory()
     os.environ.update(_launcher_env())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -3,8 +3,17 @@ torchrun, or under the deepspeed launcher; train/distributed.py reads whichever 
 
 from __future__ import annotations
 
-from train.config import load_config
+import torch
+
+from train.config import Config, ConfigError, load_config
 from train.distributed import compute_cleanup, compute_init
+
+
+def check_device(cfg: Config) -> None:
+    if cfg.optim.sparse_optimizer == "adam" and not torch.cuda.is_available():
+        raise ConfigError(
+            "optim.sparse_optimizer adam: fbgemm's fused Adam runs on GPUs only; use rowwise_adagrad on CPU"
+        )
 
 
 def main(config_path: str | None, overrides: list[str]) -> dict:
@@ -13,7 +22,7 @@ def main(config_path: str | None, overrides: list[str]) -> dict:
     from train.trainer import Trainer, check_data
 
     check_data(cfg, load_manifest(cfg.data.shards))
-    cfg.parallel.check_world(1)
+    check_device(cfg)
     env = compute_init(seed=cfg.schedule.seed)
     try:
         cfg.parallel.check_world(env.world_size)

@@ -21,7 +21,8 @@ from model.modeling import SequenceRecommender
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
-from train.metrics import RankingMetrics, popularity_scores, seen_mask, target_ranks
+from train.evaluate import evaluate, metrics_table, save_model
+from train.telemetry import TrainingTelemetry
 
 
 def check_data(cfg: Config, manifest: dict) -> None:
@@ -44,6 +45,24 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+class PhaseTimer:
+    """Wall time per step phase, summed; off unless schedule.time_phases (GPU timing needs syncs)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 class Trainer:
@@ -69,6 +88,7 @@ class Trainer:
         num_actions = vocab["actions"] if "action" in features else 0
         num_gaps = vocab["gaps"] if "gap" in features else 0
         model = SequenceRecommender(cfg.model, num_actions, num_gaps)
+        self.model_vocab = {"items": self.num_items, "actions": num_actions, "gaps": num_gaps}
         self.train_data, self.train_loader = make_loader(
             cfg.data.shards,
             LoaderConfig(
@@ -108,6 +128,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.losses: list[float] = []  # this rank's loss at every step
+        self.timer = PhaseTimer(cfg.schedule.time_phases, env.device)
+        self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank)
 
     def check_parameter_ownership(self) -> None:
         """DeepSpeed must hold no TorchRec parameter: it would overwrite other ranks' shards."""
@@ -122,13 +144,8 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Looks every distinct id up once; returns (unique ids, embeddings) for ``index_of``."""
-        unique = torch.unique(ids)
-        return unique, self.items.lookup(unique)
-
     def train_step(self, batch: dict) -> float:
-        cfg, device = self.cfg.model, self.env.device
+        cfg, device, timer = self.cfg.model, self.env.device, self.timer
         self.engine.train()
         items = batch["items"].to(device)
         lengths = batch["lengths"].to(device)
@@ -136,90 +153,74 @@ class Trainer:
         input_lengths = (lengths - 1).clamp(min=0)
         positions = torch.arange(inputs.shape[1], device=device)[None, :] < input_lengths[:, None]
         weights = batch["weights"].to(device)[:, None].expand_as(positions)[positions]
-        negatives = None
+        target = targets[positions]
         if cfg.loss == "full":
+            # One lookup of the whole catalog serves as inputs and as softmax targets.
             table = self.items.lookup(torch.arange(self.num_items))
             input_embeddings = table[inputs]
         else:
-            wanted = [inputs.reshape(-1), targets.reshape(-1)]
+            wanted = [inputs.reshape(-1), target]
             if cfg.loss == "sampled":
                 negatives = torch.multinomial(self.proposal, cfg.num_negatives, replacement=True).to(device)
                 wanted.append(negatives)
-            unique, vectors = self._embed(torch.cat(wanted))
+            unique = torch.unique(torch.cat(wanted))
+            vectors = self.items.lookup(unique)
 
             def embed(ids):
                 return vectors[torch.searchsorted(unique, ids)]
 
             input_embeddings = embed(inputs)
+        timer.mark("sparse")
         actions = batch["actions"][:, :-1].to(device) if "actions" in batch else None
         gaps = batch["gaps"][:, :-1].to(device) if "gaps" in batch else None
         hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions].float()
-        target = targets[positions]
+        timer.mark("dense_forward")
         if cfg.loss == "full":
             loss = full_softmax_loss(self.model.scores(hidden, table), target, weights)
         elif cfg.loss == "sampled":
-            target_vectors = embed(target)
-            positive = (self.model.scores(hidden, target_vectors)).diagonal() if len(target) else hidden.sum(-1)
             log_q = torch.log(self.proposal.to(device) * cfg.num_negatives)
-            loss = sampled_softmax_loss(
-                positive,
-                self.model.scores(hidden, embed(negatives)),
-                target,
-                negatives,
-                log_q[target],
-                log_q[negatives],
-                weights,
-            )
+            positive = self.model.pair_scores(hidden, embed(target))
+            negative = self.model.scores(hidden, embed(negatives))
+            loss = sampled_softmax_loss(positive, negative, target, negatives, log_q[target], log_q[negatives], weights)
         else:
             log_q = torch.log(self.popularity.float().to(device) + 1.0)
             loss = in_batch_loss(self.model.scores(hidden, embed(target)), target, log_q[target], weights)
-        self.engine.backward(loss)
+        timer.mark("loss")
+        self.engine.backward(loss)  # also the item table's fused optimizer update
+        timer.mark("backward")
         self.engine.step()
+        timer.mark("optimizer")
         self.step += 1
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, split: str) -> dict:
-        device = self.env.device
         self.engine.eval()
-        dataset, loader = make_loader(
+        return evaluate(
+            self.engine,
+            self.model,
+            self.items.full_table(),
+            self.popularity,
             self.cfg.data.shards,
-            LoaderConfig(
-                split=split,
-                batch_size=self.cfg.data.eval_batch_size,
-                max_len=self.cfg.model.max_len,
-                num_workers=self.cfg.data.num_workers,
-                with_seen=self.cfg.eval.filter_seen,
-            ),
+            split,
+            self.cfg,
             self.env.rank,
             self.env.world_size,
+            self.env.device,
         )
+
+    def save_best(self, directory: Path, meta: dict) -> None:
+        """Writes the current weights (all ranks take part; rank 0 writes)."""
+        import deepspeed
+
         table = self.items.full_table()
-        popularity = popularity_scores(self.popularity).to(device)
-        model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
-        for batch in iterate_epoch(dataset, loader, epoch=0):
-            items, lengths = batch["items"].to(device), batch["lengths"].to(device)
-            actions = batch["actions"].to(device) if "actions" in batch else None
-            gaps = batch["gaps"].to(device) if "gaps" in batch else None
-            hidden = self.model.last_hidden(self.engine(table[items], lengths, actions, gaps), lengths).float()
-            exclude = None
-            if self.cfg.eval.filter_seen:
-                exclude = seen_mask(batch["seen_items"].to(device), batch["seen_lengths"].to(device), self.num_items)
-            targets = batch["target_items"].to(device)
-            weights = batch["weights"]
-            model_metrics.update(target_ranks(self.model.scores(hidden, table), targets, exclude).cpu(), weights)
-            popularity_metrics.update(target_ranks(popularity, targets, exclude).cpu(), weights)
-        model_metrics.gather()
-        popularity_metrics.gather()
-        ks = tuple(self.cfg.eval.ks)
-        return {
-            "model": model_metrics.compute(ks),
-            "popularity": popularity_metrics.compute(ks),
-            "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=self.cfg.eval.bootstrap_samples),
-        }
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):
+            dense = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        if self.env.is_main:
+            save_model(directory, dense, table, meta)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -241,6 +242,14 @@ class Trainer:
         for shard, saved in zip(self.items._shards(), snapshot["sparse"]):
             shard.tensor.copy_(saved)
 
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if any rank says so: ranks' clocks differ, their steps must not."""
+        if not self.cfg.schedule.max_minutes or not dist.is_initialized():
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def log(self, message: str) -> None:
         if self.env.is_main:
             print(message, flush=True)
@@ -253,9 +262,19 @@ class Trainer:
         stop = False
         for epoch in range(cfg.schedule.epochs):
             losses = []
+            self.timer.mark("evaluation")
+            waited_from = time.perf_counter()
             for batch in iterate_epoch(self.train_data, self.train_loader, epoch):
+                self.timer.mark("data")
+                step_from = time.perf_counter()
                 losses.append(self.train_step(batch))
-                tokens += int((batch["lengths"] - 1).clamp(min=0).sum())
+                step_tokens = int((batch["lengths"] - 1).clamp(min=0).sum())
+                tokens += step_tokens
+                done = time.perf_counter()
+                self.telemetry.step(
+                    step_tokens, losses[-1], self.engine.get_lr()[0], done - step_from, step_from - waited_from
+                )
+                waited_from = done
                 if self.step % cfg.schedule.log_every == 0:
                     elapsed = time.perf_counter() - started
                     eta = elapsed / self.step * (self.total_steps - self.step)
@@ -264,11 +283,13 @@ class Trainer:
                         f"step {self.step}/{self.total_steps} epoch {epoch} loss {np.mean(losses[-cfg.schedule.log_every :]):.4f} "
                         f"lr {lr:.2e} tokens/s {tokens * self.env.world_size / elapsed:,.0f} eta {eta:,.0f}s"
                     )
-                if cfg.schedule.max_steps and self.step >= cfg.schedule.max_steps:
+                out_of_time = cfg.schedule.max_minutes and time.perf_counter() - started > 60 * cfg.schedule.max_minutes
+                if (cfg.schedule.max_steps and self.step >= cfg.schedule.max_steps) or self._agree(out_of_time):
                     stop = True
                     break
             if (epoch + 1) % cfg.schedule.eval_every == 0 or stop or epoch == cfg.schedule.epochs - 1:
                 result = self.evaluate("valid")
+                self.telemetry.evaluation(result)
                 ndcg = result["model"]["NDCG@10"]
                 self.history.append(
                     {
@@ -293,6 +314,15 @@ class Trainer:
         if best_snapshot is not None:
             self._restore(best_snapshot)
         test = self.evaluate("test")
+        self.telemetry.evaluation(test)
+        meta = {
+            "config": cfg.to_dict(),
+            "vocab": self.model_vocab,
+            "step": self.step,
+            "best_valid_ndcg10": best,
+            "test": test,
+        }
+        self.save_best(self.out / "best", meta)
         summary = {
             "config": cfg.to_dict(),
             "world_size": self.env.world_size,
@@ -302,6 +332,7 @@ class Trainer:
             "best_valid_ndcg10": best,
             "history": self.history,
             "losses": self.losses,
+            "phase_seconds": {k: round(v, 3) for k, v in self.timer.seconds.items()},
             "test": test,
         }
         if self.env.is_main:
@@ -311,13 +342,3 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return summary
-
-
-def metrics_table(result: dict) -> str:
-    keys = [k for k in result["model"] if k != "users"]
-    lines = [f"{'metric':<10}{'model':>10}{'popularity':>12}"]
-    for key in keys:
-        lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'][key]:>12.4f}")
-    low, high = result["model_ndcg10_ci"]
-    lines.append(f"test users {result['model']['users']}; model NDCG@10 95% bootstrap interval [{low:.4f}, {high:.4f}]")
-    return "\n".join(lines)

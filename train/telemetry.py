@@ -1,0 +1,51 @@
+"""Prometheus metrics of a training process: one exporter per rank on 127.0.0.1:(base + global
+rank), so several ranks (and several "nodes" on one host) never collide. Port 0 turns it off."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class TrainingTelemetry:
+    def __init__(self, base_port: int, rank: int):
+        self.registry = CollectorRegistry()
+        labels = {"rank": str(rank)}
+        r = self.registry
+        self.tokens = Counter(
+            "lmrec_train_tokens", "Training tokens (next-item targets) processed", ["rank"], registry=r
+        ).labels(**labels)
+        self.steps = Counter("lmrec_train_steps", "Optimizer steps taken", ["rank"], registry=r).labels(**labels)
+        self.loss = Gauge("lmrec_train_loss", "Loss of the last step", ["rank"], registry=r).labels(**labels)
+        self.lr = Gauge("lmrec_train_learning_rate", "Dense learning rate", ["rank"], registry=r).labels(**labels)
+        self.step_seconds = Histogram(
+            "lmrec_train_step_seconds", "Wall time of one training step", ["rank"], buckets=_STEP_BUCKETS, registry=r
+        ).labels(**labels)
+        self.data_seconds = Histogram(
+            "lmrec_train_data_wait_seconds",
+            "Time spent waiting for the next batch",
+            ["rank"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.eval_metric = Gauge(
+            "lmrec_eval_metric", "Last evaluation result", ["rank", "split", "scorer", "metric"], registry=r
+        )
+        self.rank = str(rank)
+        self.port = base_port + rank if base_port else 0
+        if self.port:
+            start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+
+    def step(self, tokens: int, loss: float, lr: float, step_seconds: float, data_seconds: float) -> None:
+        self.tokens.inc(tokens)
+        self.steps.inc()
+        self.loss.set(loss)
+        self.lr.set(lr)
+        self.step_seconds.observe(step_seconds)
+        self.data_seconds.observe(data_seconds)
+
+    def evaluation(self, result: dict) -> None:
+        for scorer in ("model", "popularity"):
+            for metric, value in result[scorer].items():
+                self.eval_metric.labels(self.rank, result["split"], scorer, metric).set(value)
