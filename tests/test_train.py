@@ -126,3 +126,77 @@ def test_shards_without_a_split_are_refused_before_training(tmp_path):
     run_cli("data", "prepare", "--source", "events", "--input", csv, "--out", shards, "--quiet")
     done = run_cli("train", "--config", "configs/debug.yaml", "--set", f"data.shards={shards}", check=False)
     assert done.returncode == 2 and "the valid split is empty" in done.stderr
+
+
+def test_saved_model_evaluated_in_one_process_matches_the_two_rank_test_metrics(tmp_path, tiny):
+    from train.evaluate import evaluate_saved
+
+    summary, _ = torchrun_train(tmp_path / "run", tiny, "schedule.epochs=2", "parallel.zero_stage=3")
+    single = evaluate_saved(tmp_path / "run" / "best", "test")
+    distributed = summary["test"]["model"]
+    assert single["model"]["users"] == distributed["users"] == 200
+    for key, value in distributed.items():
+        assert abs(single["model"][key] - value) < 1e-3, key
+    done = run_cli("eval", "--model", tmp_path / "run" / "best")
+    assert "NDCG@10" in done.stdout and "test users 200" in done.stdout
+
+
+def _ownership_worker(rank: int, port: int, shards: str, out: str, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    from data.loader import iterate_epoch
+    from train.config import load_config
+    from train.distributed import compute_cleanup, compute_init
+    from train.trainer import Trainer
+
+    cfg = load_config(
+        ROOT / "configs" / "debug.yaml", [f"data.shards={shards}", f"output.dir={out}", "data.num_workers=0"]
+    )
+    env = compute_init(seed=0)
+    trainer = Trainer(cfg, env)
+    trainer.check_parameter_ownership()
+    before = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards()]
+    batch = next(iter(iterate_epoch(trainer.train_data, trainer.train_loader, epoch=0)))
+    trainer.train_step(batch)
+    after = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards()]
+    full = trainer.items.full_table()
+    compute_cleanup()
+    (row0, _), shard = after[0]
+    results[rank] = {
+        "rows": (row0, len(shard)),
+        "changed": not torch.equal(before[0][1], shard),
+        "matches_full_table": torch.equal(full[row0 : row0 + len(shard)], shard),
+    }
+
+
+def test_each_rank_owns_its_shard_and_deepspeed_holds_none(tmp_path, tiny):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ownership_worker, args=(_port(), str(tiny), str(tmp_path / "o"), results), nprocs=2)
+        results = dict(results)
+    (lo0, n0), (lo1, n1) = results[0]["rows"], results[1]["rows"]
+    assert lo0 + n0 == lo1 and n0 > 0 and n1 > 0  # row-wise: disjoint, adjacent row ranges
+    for rank in (0, 1):
+        assert results[rank]["changed"], "the fused optimizer updated this rank's rows"
+        assert results[rank]["matches_full_table"], "no rank's rows were overwritten by another's"
+
+
+def test_parameter_ownership_check_fails_when_deepspeed_holds_a_torchrec_parameter():
+    import torch
+
+    from train.trainer import assert_disjoint
+
+    shared = torch.nn.Parameter(torch.zeros(3))
+    assert_disjoint([torch.nn.Parameter(torch.zeros(2))], [shared])
+    with pytest.raises(RuntimeError, match="DeepSpeed holds 1 TorchRec parameter"):
+        assert_disjoint([shared], [shared])

@@ -37,6 +37,15 @@ def check_data(cfg: Config, manifest: dict) -> None:
         raise ConfigError("model.action_head: the auxiliary action head is not trained yet in this version")
 
 
+def assert_disjoint(dense_parameters, sparse_parameters) -> None:
+    """DeepSpeed must hold no TorchRec parameter: it would broadcast rank 0's shard over the
+    other ranks' shards."""
+    dense = {id(p) for p in dense_parameters}
+    shared = [p for p in sparse_parameters if id(p) in dense]
+    if shared:
+        raise RuntimeError(f"DeepSpeed holds {len(shared)} TorchRec parameter(s); the item table must stay outside it")
+
+
 def _lr_lambda(warmup: int, total: int, min_ratio: float):
     def factor(step: int) -> float:
         if step < warmup:
@@ -132,15 +141,8 @@ class Trainer:
         self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank)
 
     def check_parameter_ownership(self) -> None:
-        """DeepSpeed must hold no TorchRec parameter: it would overwrite other ranks' shards."""
-        dense = {id(p) for p in self.engine.parameters()} | {
-            id(p) for g in self.engine.optimizer.param_groups for p in g["params"]
-        }
-        shared = [p for p in self.items.parameters() if id(p) in dense]
-        if shared:
-            raise RuntimeError(
-                f"DeepSpeed holds {len(shared)} TorchRec parameter(s); the item table must stay outside it"
-            )
+        dense = list(self.engine.parameters()) + [p for g in self.engine.optimizer.param_groups for p in g["params"]]
+        assert_disjoint(dense, self.items.parameters())
 
     # -- one step ------------------------------------------------------------------------------
 

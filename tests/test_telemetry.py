@@ -1,0 +1,28 @@
+import socket
+import urllib.request
+
+from train.telemetry import TrainingTelemetry
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_exporter_serves_training_metrics_on_base_port_plus_rank():
+    base = _port() - 1
+    telemetry = TrainingTelemetry(base, rank=1)
+    telemetry.step(tokens=120, loss=2.5, lr=1e-3, step_seconds=0.2, data_seconds=0.01)
+    telemetry.step(tokens=80, loss=2.0, lr=1e-3, step_seconds=0.3, data_seconds=0.02)
+    telemetry.evaluation({"split": "valid", "model": {"NDCG@10": 0.3}, "popularity": {"NDCG@10": 0.1}})
+    text = urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/metrics", timeout=5).read().decode()
+    assert 'lmrec_train_tokens_total{rank="1"} 200.0' in text
+    assert 'lmrec_train_steps_total{rank="1"} 2.0' in text
+    assert 'lmrec_train_loss{rank="1"} 2.0' in text
+    assert 'lmrec_train_step_seconds_count{rank="1"} 2.0' in text
+    assert 'lmrec_eval_metric{metric="NDCG@10",rank="1",scorer="model",split="valid"} 0.3' in text
+
+
+def test_port_zero_starts_no_server():
+    assert TrainingTelemetry(0, rank=0).port == 0
