@@ -39,6 +39,8 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/data_prep.py
+	$(PY) benchmarks/train_ml1m.py
+	$(PY) benchmarks/train_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -260,7 +260,7 @@ class Trainer:
         cfg = self.cfg
         best, best_snapshot, stale = -1.0, None, 0
         started = time.perf_counter()
-        tokens = 0
+        tokens, training_seconds = 0, 0.0  # training_seconds: data wait + steps, no evaluation
         stop = False
         for epoch in range(cfg.schedule.epochs):
             losses = []
@@ -276,6 +276,7 @@ class Trainer:
                 self.telemetry.step(
                     step_tokens, losses[-1], self.engine.get_lr()[0], done - step_from, step_from - waited_from
                 )
+                training_seconds += done - waited_from
                 waited_from = done
                 if self.step % cfg.schedule.log_every == 0:
                     elapsed = time.perf_counter() - started
@@ -283,7 +284,7 @@ class Trainer:
                     lr = self.engine.get_lr()[0]
                     self.log(
                         f"step {self.step}/{self.total_steps} epoch {epoch} loss {np.mean(losses[-cfg.schedule.log_every :]):.4f} "
-                        f"lr {lr:.2e} tokens/s {tokens * self.env.world_size / elapsed:,.0f} eta {eta:,.0f}s"
+                        f"lr {lr:.2e} tokens/s {tokens * self.env.world_size / training_seconds:,.0f} eta {eta:,.0f}s"
                     )
                 out_of_time = cfg.schedule.max_minutes and time.perf_counter() - started > 60 * cfg.schedule.max_minutes
                 if (cfg.schedule.max_steps and self.step >= cfg.schedule.max_steps) or self._agree(out_of_time):
@@ -330,7 +331,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "steps": self.step,
             "train_seconds": round(time.perf_counter() - started, 1),
-            "tokens_per_s": round(tokens * self.env.world_size / max(time.perf_counter() - started, 1e-9)),
+            "tokens_per_s": round(tokens * self.env.world_size / max(training_seconds, 1e-9)),
+            "training_seconds": round(training_seconds, 1),
             "best_valid_ndcg10": best,
             "history": self.history,
             "losses": self.losses,
