@@ -212,6 +212,8 @@ def _add_train(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmrec", description="generative recommenders as causal language models")
+    # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK, which is what we read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)

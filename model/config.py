@@ -27,7 +27,7 @@ class ModelConfig:
     negative_sampler: str = "uniform"
     action_head: bool = False  # predict the next event's action from (history, next item)
     action_loss_weight: float = 0.5
-    positive_action_min: int = 4  # action head target: raw action value >= this (e.g. rating >= 4)
+    positive_action_min: float = 4.0  # action head target: raw action value >= this (e.g. rating >= 4)
     backbone_options: dict = field(default_factory=dict)  # passed to the transformers config as is
 
     def __post_init__(self):

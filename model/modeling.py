@@ -75,7 +75,9 @@ class SequenceRecommender(nn.Module):
         return (hidden * items).sum(-1)
 
     def action_logits(self, hidden: torch.Tensor, next_item_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.action_head(torch.cat([hidden, next_item_embeddings], dim=-1)).squeeze(-1)
+        """Logit that the event with this next item has a positive action (e.g. rating >= 4)."""
+        features = torch.cat([hidden, next_item_embeddings], dim=-1).to(self.input_norm.weight.dtype)
+        return self.action_head(features).squeeze(-1).float()
 
     def last_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The hidden state after each history's last real event, (B, D)."""

@@ -7,6 +7,7 @@ The popularity baseline (training-event counts) is scored by the same code besid
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from model.config import ModelConfig
 from model.modeling import SequenceRecommender
-from train.metrics import RankingMetrics, popularity_scores, seen_mask, target_ranks
+from train.metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
 
 SAVED_META = "meta.json"
 SAVED_DENSE = "model.safetensors"
@@ -35,6 +36,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device = torch.device("cpu"),
+    positive_action: torch.Tensor | None = None,
 ) -> dict:
     """``forward(item_embeddings, lengths, actions, gaps)`` runs the dense model (the DeepSpeed
     engine in training, the module itself otherwise); ``table`` is the full (V, D) item table."""
@@ -52,6 +54,7 @@ def evaluate(
     )
     baseline = popularity_scores(popularity).to(device)
     model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
+    action_probabilities, action_labels = [], []
     for batch in iterate_epoch(dataset, loader, epoch=0):
         items, lengths = batch["items"].to(device), batch["lengths"].to(device)
         actions = batch["actions"].to(device) if "actions" in batch else None
@@ -63,15 +66,47 @@ def evaluate(
         targets = batch["target_items"].to(device)
         model_metrics.update(target_ranks(model.scores(hidden, table), targets, exclude).cpu(), batch["weights"])
         popularity_metrics.update(target_ranks(baseline, targets, exclude).cpu(), batch["weights"])
+        if model.action_head is not None:
+            real = batch["weights"] > 0
+            probabilities = torch.sigmoid(model.action_logits(hidden, table[targets])).cpu()
+            action_probabilities.append(probabilities[real])
+            action_labels.append(positive_action[batch["target_actions"]][real].cpu())
     model_metrics.gather()
     popularity_metrics.gather()
     ks = tuple(cfg.eval.ks)
-    return {
+    result = {
         "split": split,
         "model": model_metrics.compute(ks),
         "popularity": popularity_metrics.compute(ks),
         "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=cfg.eval.bootstrap_samples),
     }
+    if model.action_head is not None:
+        probabilities, labels = _gather_cat(action_probabilities), _gather_cat(action_labels)
+        result["action"] = binary_metrics(probabilities, labels)
+    return result
+
+
+def _gather_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    if not torch.distributed.is_initialized():
+        return local
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, local)
+    return torch.cat(everyone)
+
+
+def positive_actions(shards: str, num_actions: int, minimum: float) -> torch.Tensor:
+    """Which action indices count as positive for the action head: numeric values >= minimum
+    (a rating of 4 or 5, say); non-numeric event types are negative."""
+    positive = torch.zeros(max(num_actions, 1), dtype=torch.bool)
+    path = Path(shards) / "actions.parquet"
+    if num_actions and path.exists():
+        import polars as pl
+
+        for index, value in pl.read_parquet(path).select("index", "value").iter_rows():
+            with contextlib.suppress(ValueError):
+                positive[index] = float(value) >= minimum
+    return positive
 
 
 def save_model(directory: Path, dense_state: dict, table: torch.Tensor, meta: dict) -> None:
@@ -121,7 +156,8 @@ def evaluate_saved(directory: Path, split: str = "test", shards: str | None = No
     items = pl.read_parquet(Path(shards) / "items.parquet")
     popularity = torch.zeros(len(table), dtype=torch.float64)
     popularity[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
-    return evaluate(model, model, table, popularity, shards, split, cfg)
+    positive = positive_actions(shards, meta["vocab"]["actions"], cfg.model.positive_action_min)
+    return evaluate(model, model, table, popularity, shards, split, cfg, positive_action=positive)
 
 
 def metrics_table(result: dict) -> str:
@@ -131,4 +167,10 @@ def metrics_table(result: dict) -> str:
         lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'][key]:>12.4f}")
     low, high = result["model_ndcg10_ci"]
     lines.append(f"test users {result['model']['users']}; model NDCG@10 95% bootstrap interval [{low:.4f}, {high:.4f}]")
+    if "action" in result:
+        action = result["action"]
+        lines.append(
+            "action head (positive next action): "
+            + ", ".join(f"{k} {action[k]:.4f}" for k in ("AUC", "precision", "recall", "F1"))
+        )
     return "\n".join(lines)

@@ -13,15 +13,16 @@ import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from data.shards import load_manifest
-from model.losses import RESERVED, full_softmax_loss, in_batch_loss, sampled_softmax_loss
+from model.losses import RESERVED, full_softmax_loss, in_batch_loss, sampled_softmax_loss, weighted_mean
 from model.modeling import SequenceRecommender
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
-from train.evaluate import evaluate, metrics_table, save_model
+from train.evaluate import evaluate, metrics_table, positive_actions, save_model
 from train.telemetry import TrainingTelemetry
 
 
@@ -33,8 +34,8 @@ def check_data(cfg: Config, manifest: dict) -> None:
             raise ConfigError(f"{cfg.data.shards}: the {split} split is empty; training needs all three")
     if manifest["vocab"]["items"] <= RESERVED:
         raise ConfigError(f"{cfg.data.shards}: the item vocabulary is empty")
-    if cfg.model.action_head:
-        raise ConfigError("model.action_head: the auxiliary action head is not trained yet in this version")
+    if cfg.model.action_head and "action" not in manifest["features"]:
+        raise ConfigError(f"model.action_head needs actions (event types or ratings), and {cfg.data.shards} has none")
 
 
 def assert_disjoint(dense_parameters, sparse_parameters) -> None:
@@ -130,6 +131,7 @@ class Trainer:
         counts = torch.zeros(self.num_items, dtype=torch.float64)
         counts[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
         self.popularity = counts
+        self.positive_action = positive_actions(cfg.data.shards, num_actions, cfg.model.positive_action_min)
         # Sampled-softmax proposal: uniform over real items, or popularity (count + 1).
         weights = torch.ones(self.num_items) if cfg.model.negative_sampler == "uniform" else counts.float() + 1.0
         weights[:RESERVED] = 0.0
@@ -187,6 +189,12 @@ class Trainer:
         else:
             log_q = torch.log(self.popularity.float().to(device) + 1.0)
             loss = in_batch_loss(self.model.scores(hidden, embed(target)), target, log_q[target], weights)
+        if self.model.action_head is not None:
+            labels = self.positive_action[batch["actions"][:, 1:].to(device)[positions]].float()
+            next_vectors = table[target] if cfg.loss == "full" else embed(target)
+            logits = self.model.action_logits(hidden, next_vectors)
+            action_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            loss = loss + cfg.action_loss_weight * weighted_mean(action_loss, weights)
         timer.mark("loss")
         self.engine.backward(loss)  # also the item table's fused optimizer update
         timer.mark("backward")
@@ -211,6 +219,7 @@ class Trainer:
             self.env.rank,
             self.env.world_size,
             self.env.device,
+            self.positive_action,
         )
 
     def save_best(self, directory: Path, meta: dict) -> None:
