@@ -134,6 +134,10 @@ def _plan_samples(cfg: PrepareConfig, offsets: np.ndarray, seg_counts: np.ndarra
     if cfg.window:
         stride = cfg.window - cfg.window_overlap
         windows = 1 + np.ceil(np.maximum(n_train - cfg.window, 0) / stride).astype(np.int64)
+        if windows.max() > 1000:  # the sample key has three digits for the window
+            raise DataError(
+                f"--window {cfg.window} cuts the longest history into {windows.max()} windows; at most 1000 fit"
+            )
     else:
         windows = np.ones(len(n_train), dtype=np.int64)
     user = np.repeat(np.arange(len(n_train)), windows)
