@@ -95,6 +95,16 @@ def _gather_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(everyone)
 
 
+def load_popularity(shards: str, num_items: int) -> torch.Tensor:
+    """Training-event count of every item index (the popularity baseline's scores)."""
+    import polars as pl
+
+    items = pl.read_parquet(Path(shards) / "items.parquet", columns=["index", "count"])
+    counts = torch.zeros(num_items, dtype=torch.float64)
+    counts[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
+    return counts
+
+
 def positive_actions(shards: str, num_actions: int, minimum: float) -> torch.Tensor:
     """Which action indices count as positive for the action head: numeric values >= minimum
     (a rating of 4 or 5, say); non-numeric event types are negative."""
@@ -151,11 +161,7 @@ def evaluate_saved(directory: Path, split: str = "test", shards: str | None = No
         raise ValueError(
             f"{shards}: {manifest['vocab']['items']} item indices, the model was trained with {len(table)}"
         )
-    import polars as pl
-
-    items = pl.read_parquet(Path(shards) / "items.parquet")
-    popularity = torch.zeros(len(table), dtype=torch.float64)
-    popularity[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
+    popularity = load_popularity(shards, len(table))
     positive = positive_actions(shards, meta["vocab"]["actions"], cfg.model.positive_action_min)
     return evaluate(model, model, table, popularity, shards, split, cfg, positive_action=positive)
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from model.modeling import SequenceRecommender
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
-from train.evaluate import evaluate, metrics_table, positive_actions, save_model
+from train.evaluate import evaluate, load_popularity, metrics_table, positive_actions, save_model
 from train.telemetry import TrainingTelemetry
 
 
@@ -127,10 +126,7 @@ class Trainer:
         )
         self.model = model
         self.check_parameter_ownership()
-        items = pl.read_parquet(Path(cfg.data.shards) / "items.parquet")
-        counts = torch.zeros(self.num_items, dtype=torch.float64)
-        counts[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
-        self.popularity = counts
+        self.popularity = counts = load_popularity(cfg.data.shards, self.num_items)
         self.positive_action = positive_actions(cfg.data.shards, num_actions, cfg.model.positive_action_min)
         # Sampled-softmax proposal: uniform over real items, or popularity (count + 1).
         weights = torch.ones(self.num_items) if cfg.model.negative_sampler == "uniform" else counts.float() + 1.0
