@@ -28,6 +28,7 @@ class DataConfig:
     batch_size: int = 64  # per rank
     eval_batch_size: int = 256
     num_workers: int = 2
+    shuffle: bool = True
     shuffle_buffer: int = 2048
 
     def __post_init__(self):

@@ -106,6 +106,7 @@ class Trainer:
                 max_len=cfg.model.max_len,
                 seed=cfg.schedule.seed,
                 num_workers=cfg.data.num_workers,
+                shuffle=cfg.data.shuffle,
                 shuffle_buffer=cfg.data.shuffle_buffer,
             ),
             env.rank,
@@ -134,7 +135,7 @@ class Trainer:
         self.proposal = weights / weights.sum()
         self.step = 0
         self.history: list[dict] = []
-        self.losses: list[float] = []  # this rank's loss at every step
+        self.losses: list[float] = []  # the global per-token loss at every step
         self.timer = PhaseTimer(cfg.schedule.time_phases, env.device)
         self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank)
 
@@ -154,6 +155,7 @@ class Trainer:
         positions = torch.arange(inputs.shape[1], device=device)[None, :] < input_lengths[:, None]
         weights = batch["weights"].to(device)[:, None].expand_as(positions)[positions]
         target = targets[positions]
+        total = self._global_weight(weights)
         if cfg.loss == "full":
             # One lookup of the whole catalog serves as inputs and as softmax targets.
             table = self.items.lookup(torch.arange(self.num_items))
@@ -176,29 +178,45 @@ class Trainer:
         hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions].float()
         timer.mark("dense_forward")
         if cfg.loss == "full":
-            loss = full_softmax_loss(self.model.scores(hidden, table), target, weights)
+            loss = full_softmax_loss(self.model.scores(hidden, table), target, weights, total)
         elif cfg.loss == "sampled":
             log_q = torch.log(self.proposal.to(device) * cfg.num_negatives)
             positive = self.model.pair_scores(hidden, embed(target))
             negative = self.model.scores(hidden, embed(negatives))
-            loss = sampled_softmax_loss(positive, negative, target, negatives, log_q[target], log_q[negatives], weights)
+            loss = sampled_softmax_loss(
+                positive, negative, target, negatives, log_q[target], log_q[negatives], weights, total
+            )
         else:
             log_q = torch.log(self.popularity.float().to(device) + 1.0)
-            loss = in_batch_loss(self.model.scores(hidden, embed(target)), target, log_q[target], weights)
+            loss = in_batch_loss(self.model.scores(hidden, embed(target)), target, log_q[target], weights, total)
         if self.model.action_head is not None:
             labels = self.positive_action[batch["actions"][:, 1:].to(device)[positions]].float()
             next_vectors = table[target] if cfg.loss == "full" else embed(target)
             logits = self.model.action_logits(hidden, next_vectors)
             action_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-            loss = loss + cfg.action_loss_weight * weighted_mean(action_loss, weights)
+            loss = loss + cfg.action_loss_weight * weighted_mean(action_loss, weights, total)
         timer.mark("loss")
         self.engine.backward(loss)  # also the item table's fused optimizer update
         timer.mark("backward")
         self.engine.step()
         timer.mark("optimizer")
         self.step += 1
-        self.losses.append(float(loss.detach()))
+        self.losses.append(self._global_mean(loss.detach()))
         return self.losses[-1]
+
+    def _global_weight(self, weights: torch.Tensor) -> torch.Tensor:
+        """All ranks' weight (target token) sum over the world size: the loss normaliser."""
+        total = weights.sum().detach().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return total[0] / self.env.world_size
+
+    def _global_mean(self, loss: torch.Tensor) -> float:
+        """The global per-token loss of this step: the mean of the ranks' losses."""
+        value = loss.reshape(1).clone()
+        if dist.is_initialized():
+            dist.all_reduce(value)
+        return float(value[0]) / self.env.world_size
 
     # -- evaluation ----------------------------------------------------------------------------
 
