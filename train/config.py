@@ -81,11 +81,6 @@ class ParallelConfig:
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ConfigError("parallel.precision bf16 needs zero_stage >= 1 (stage 0 keeps no fp32 master weights)")
 
-    def check_world(self, world_size: int) -> None:
-        """The parallel settings against the actual world, before anything is built."""
-        if world_size < 1:
-            raise ConfigError(f"world size must be >= 1, got {world_size}")
-
 
 @dataclass
 class ScheduleConfig:

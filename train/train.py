@@ -25,7 +25,6 @@ def main(config_path: str | None, overrides: list[str]) -> dict:
     check_device(cfg)
     env = compute_init(seed=cfg.schedule.seed)
     try:
-        cfg.parallel.check_world(env.world_size)
         trainer = Trainer(cfg, env)
         return trainer.train()
     finally:
