@@ -22,6 +22,7 @@ setup(
             "prometheus-client",
             "psutil",
             "matplotlib",
+            "tensorboard",
         ],
         "serve": [
             "torch",

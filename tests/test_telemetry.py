@@ -26,3 +26,17 @@ def test_exporter_serves_training_metrics_on_base_port_plus_rank():
 
 def test_port_zero_starts_no_server():
     assert TrainingTelemetry(0, rank=0).port == 0
+
+
+def test_tensorboard_scalars_from_rank_zero_only(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = TrainingTelemetry(0, rank=0, tensorboard_dir=str(tmp_path / "tb"))
+    board.step(tokens=10, loss=3.0, lr=1e-3, step_seconds=0.1, data_seconds=0.0)
+    board.evaluation({"split": "valid", "model": {"NDCG@10": 0.25}, "popularity": {"NDCG@10": 0.1}})
+    board.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/loss", "valid/model/NDCG@10"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("valid/model/NDCG@10")[0].value == 0.25
+    assert TrainingTelemetry(0, rank=1, tensorboard_dir=str(tmp_path / "other")).board is None

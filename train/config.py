@@ -109,6 +109,7 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs/default"
     metrics_port: int = 0  # Prometheus exporter on 127.0.0.1:(port + global rank); 0 = off
+    tensorboard: bool = False  # rank 0 writes scalars to DIR/tensorboard
 
 
 @dataclass

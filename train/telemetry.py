@@ -1,5 +1,6 @@
-"""Prometheus metrics of a training process: one exporter per rank on 127.0.0.1:(base + global
-rank), so several ranks (and several "nodes" on one host) never collide. Port 0 turns it off."""
+"""Training telemetry. Prometheus: one exporter per rank on 127.0.0.1:(base + global rank), so
+several ranks (and several "nodes" on one host) never collide; port 0 turns it off. TensorBoard:
+optional scalars written by rank 0."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class TrainingTelemetry:
-    def __init__(self, base_port: int, rank: int):
+    def __init__(self, base_port: int, rank: int, tensorboard_dir: str | None = None):
         self.registry = CollectorRegistry()
         labels = {"rank": str(rank)}
         r = self.registry
@@ -36,6 +37,12 @@ class TrainingTelemetry:
         self.port = base_port + rank if base_port else 0
         if self.port:
             start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        self.board = None
+        if tensorboard_dir and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(tensorboard_dir)
+        self._step = 0
 
     def step(self, tokens: int, loss: float, lr: float, step_seconds: float, data_seconds: float) -> None:
         self.tokens.inc(tokens)
@@ -44,8 +51,20 @@ class TrainingTelemetry:
         self.lr.set(lr)
         self.step_seconds.observe(step_seconds)
         self.data_seconds.observe(data_seconds)
+        self._step += 1
+        if self.board is not None:
+            for tag, value in (("train/loss", loss), ("train/learning_rate", lr), ("train/step_seconds", step_seconds)):
+                self.board.add_scalar(tag, value, self._step)
 
     def evaluation(self, result: dict) -> None:
         for scorer in ("model", "popularity"):
             for metric, value in result[scorer].items():
                 self.eval_metric.labels(self.rank, result["split"], scorer, metric).set(value)
+                if self.board is not None:
+                    self.board.add_scalar(f"{result['split']}/{scorer}/{metric}", value, self._step)
+        if self.board is not None:
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()

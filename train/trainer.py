@@ -137,7 +137,8 @@ class Trainer:
         self.history: list[dict] = []
         self.losses: list[float] = []  # the global per-token loss at every step
         self.timer = PhaseTimer(cfg.schedule.time_phases, env.device)
-        self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank)
+        board = str(self.out / "tensorboard") if cfg.output.tensorboard else None
+        self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank, board)
 
     def check_parameter_ownership(self) -> None:
         dense = list(self.engine.parameters()) + [p for g in self.engine.optimizer.param_groups for p in g["params"]]
@@ -362,6 +363,7 @@ class Trainer:
             "phase_seconds": {k: round(v, 3) for k, v in self.timer.seconds.items()},
             "test": test,
         }
+        self.telemetry.close()
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
