@@ -17,6 +17,7 @@ epoch after its first k batches in exactly the order an uninterrupted epoch woul
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +344,15 @@ def iterate_epoch(dataset: SequenceDataset, loader: DataLoader, epoch: int, skip
         yield pending[worker].pop(0)
 
 
+def _worker_context():
+    """Workers start from a forkserver that has imported this module: as cheap as fork per
+    epoch, but never forked from a training process whose communication threads may hold locks
+    (plain fork from there hung a 2-rank run once in CI)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data.loader"])
+    return context
+
+
 def make_loader(
     directory: Path, cfg: LoaderConfig, rank: int = 0, world_size: int = 1
 ) -> tuple[SequenceDataset, DataLoader]:
@@ -352,7 +362,6 @@ def make_loader(
         batch_size=None,
         num_workers=cfg.num_workers,
         persistent_workers=False,
-        # Workers are forked after the parent built its state; spawn would re-import torch per worker.
-        multiprocessing_context="fork" if cfg.num_workers else None,
+        multiprocessing_context=_worker_context() if cfg.num_workers else None,
     )
     return dataset, loader
