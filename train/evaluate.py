@@ -101,7 +101,7 @@ def load_popularity(shards: str, num_items: int) -> torch.Tensor:
 
     items = pl.read_parquet(Path(shards) / "items.parquet", columns=["index", "count"])
     counts = torch.zeros(num_items, dtype=torch.float64)
-    counts[torch.from_numpy(items["index"].to_numpy())] = torch.from_numpy(items["count"].to_numpy()).double()
+    counts[torch.tensor(items["index"].to_numpy())] = torch.tensor(items["count"].to_numpy(), dtype=torch.float64)
     return counts
 
 
