@@ -319,6 +319,24 @@ def _round_robin(totals: list[int]) -> list[int]:
     return order
 
 
+def _epoch_order(dataset: SequenceDataset, epoch: int) -> list[int]:
+    workers = max(dataset.cfg.num_workers, 1)
+    first_slot = dataset.rank * workers
+    dataset.set_epoch(epoch)
+    slots = dataset.plan().slots[first_slot : first_slot + workers]
+    return _round_robin([s.batches + s.padding for s in slots])
+
+
+def slot_positions(dataset: SequenceDataset, epoch: int, batches: int) -> dict[int, int]:
+    """How many batches each of this rank's slots (its dataloader workers) has delivered after
+    the rank's first ``batches`` batches of ``epoch``: its position in the shard stream."""
+    workers = max(dataset.cfg.num_workers, 1)
+    done = [0] * workers
+    for worker in _epoch_order(dataset, epoch)[:batches]:
+        done[worker] += 1
+    return {dataset.rank * workers + w: n for w, n in enumerate(done)}
+
+
 def iterate_epoch(dataset: SequenceDataset, loader: DataLoader, epoch: int, skip: int = 0):
     """Yields one epoch of this rank's batches in a fixed order, after skipping ``skip`` batches.
 
@@ -328,13 +346,8 @@ def iterate_epoch(dataset: SequenceDataset, loader: DataLoader, epoch: int, skip
     """
     workers = max(dataset.cfg.num_workers, 1)
     first_slot = dataset.rank * workers
-    dataset.set_epoch(epoch)
-    slots = dataset.plan().slots[first_slot : first_slot + workers]
-    order = _round_robin([s.batches + s.padding for s in slots])
-    done = [0] * workers
-    for worker in order[:skip]:
-        done[worker] += 1
-    dataset.set_epoch(epoch, {first_slot + w: n for w, n in enumerate(done)})
+    order = _epoch_order(dataset, epoch)
+    dataset.set_epoch(epoch, slot_positions(dataset, epoch, skip))
     pending: dict[int, list] = {w: [] for w in range(workers)}
     stream = iter(loader)
     for worker in order[skip:]:
@@ -362,6 +375,9 @@ def make_loader(
         batch_size=None,
         num_workers=cfg.num_workers,
         persistent_workers=False,
+        # Its own generator: a new iterator must not draw from the global torch RNG, or a run
+        # resumed mid-epoch would see different dropout and negatives than an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
         multiprocessing_context=_worker_context() if cfg.num_workers else None,
     )
     return dataset, loader

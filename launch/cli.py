@@ -176,13 +176,44 @@ class UsageError(Exception):
 
 
 def cmd_train(args) -> int:
+    from train.checkpoint import CheckpointError
     from train.config import ConfigError
     from train.train import main as train_main
 
     try:
-        train_main(args.config, args.set)
-    except ConfigError as e:
+        train_main(args.config, args.set, args.resume)
+    except (ConfigError, CheckpointError) as e:
         raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_checkpoint_consolidate(args) -> int:
+    from train.checkpoint import CheckpointError, consolidate
+
+    try:
+        consolidate(args.checkpoint, args.out)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_checkpoint_list(args) -> int:
+    from train.checkpoint import CheckpointError, list_checkpoints, read_meta, verify
+
+    found = list_checkpoints(args.dir)
+    if not found:
+        raise UsageError(f"{args.dir}: no checkpoints")
+    for path in found:
+        try:
+            meta = verify(path) if args.verify else read_meta(path)
+            p = meta["progress"]
+            status = "ok" if args.verify else "-"
+            print(
+                f"{path.name}  step {p['step']}  epoch {p['epoch']} batch {p['batch']}  world {meta['world_size']}  "
+                f"ZeRO {meta['zero_stage']}  best valid NDCG@10 {p['best_ndcg']:.4f}  {status}"
+            )
+        except CheckpointError as e:
+            print(f"{path.name}  BROKEN: {e}")
     return 0
 
 
@@ -201,7 +232,25 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (one process, or under torchrun / the deepspeed launcher)")
     p.add_argument("--config", help="YAML recipe, e.g. configs/ml-100k.yaml")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from a checkpoint: auto = the newest good one in checkpoint.dir (none: start fresh); "
+        "PATH = a checkpoint or a checkpoint directory",
+    )
     p.set_defaults(func=cmd_train)
+
+    checkpoint = sub.add_parser("checkpoint", help="list and consolidate training checkpoints").add_subparsers(
+        dest="checkpoint_cmd", required=True
+    )
+    p = checkpoint.add_parser("consolidate", help="one fp32 safetensors model (dense + full item table)")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint, e.g. runs/x/checkpoints/step_000000120")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_checkpoint_consolidate)
+    p = checkpoint.add_parser("list", help="the checkpoints in a directory, newest first")
+    p.add_argument("dir", type=Path, help="e.g. runs/x/checkpoints")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.set_defaults(func=cmd_checkpoint_list)
 
     p = sub.add_parser("eval", help="evaluate a saved model (RUN/best) on a split, in one process")
     p.add_argument("--model", type=Path, required=True, help="a saved model directory, e.g. runs/demo/train/best")

@@ -1,4 +1,6 @@
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,37 @@ def run_cli(*args, check=True, cwd=ROOT):
             f"lmrec {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
         )
     return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(out, shards, *overrides, nproc=2, config="configs/debug.yaml", torchrun_args=(), train_args=()):
+    """`lmrec train` under torchrun on ``nproc`` local processes."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        *torchrun_args, "-m", "launch.cli", "train", "--config", config,
+        "--set", f"data.shards={shards}", "--set", f"output.dir={out}", *train_args,
+    ]  # fmt: skip
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def torchrun_train(out, shards, *overrides, nproc=2, config="configs/debug.yaml", train_args=()):
+    done = subprocess.run(
+        torchrun_cmd(out, shards, *overrides, nproc=nproc, config=config, train_args=train_args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((Path(out) / "metrics.json").read_text()), done.stdout
 
 
 @pytest.fixture(scope="session")

@@ -3,36 +3,15 @@ under torchrun, on tiny synthetic shards."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, free_port, run_cli, torchrun_train
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_train(out, shards, *overrides, nproc=2, config="configs/debug.yaml"):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-        "-m", "launch.cli", "train", "--config", config, "--set", f"data.shards={shards}", "--set", f"output.dir={out}",
-    ]  # fmt: skip
-    for o in overrides:
-        cmd += ["--set", o]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out / "metrics.json").read_text()), done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +166,7 @@ def test_each_rank_owns_its_shard_and_deepspeed_holds_none(tmp_path, tiny):
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ownership_worker, args=(_port(), str(tiny), str(tmp_path / "o"), results), nprocs=2)
+        mp.spawn(_ownership_worker, args=(free_port(), str(tiny), str(tmp_path / "o"), results), nprocs=2)
         results = dict(results)
     (lo0, n0), (lo1, n1) = results[0]["rows"], results[1]["rows"]
     assert lo0 + n0 == lo1 and n0 > 0 and n1 > 0  # row-wise: disjoint, adjacent row ranges
@@ -212,7 +191,7 @@ def test_deepspeed_launcher_gives_the_same_losses_as_torchrun(tmp_path, tiny):
     reference, _ = torchrun_train(tmp_path / "torchrun", tiny, *steps)
     out = tmp_path / "deepspeed"
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", f"--master_port={_port()}",
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", f"--master_port={free_port()}",
         "--module", "launch.cli", "train", "--config", "configs/debug.yaml",
         "--set", f"data.shards={tiny}", "--set", f"output.dir={out}",
     ]  # fmt: skip

@@ -113,6 +113,18 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str = ""  # default: OUTPUT/checkpoints
+    every_steps: int = 0  # also checkpoint every N steps within an epoch; 0: at evaluations only
+    keep: int = 2  # newest checkpoints kept, besides the one with the best validation metric
+    preemption_deadline_s: float = 60.0  # after SIGTERM: checkpoint and exit within this time
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep < 1 or self.preemption_deadline_s <= 0:
+            raise ConfigError("checkpoint.every_steps must be >= 0, keep >= 1, preemption_deadline_s > 0")
+
+
+@dataclass
 class Config:
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +133,11 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output.dir) / "checkpoints")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,9 +58,10 @@ class ItemEmbeddings:
         self.module = DistributedModelParallel(module=collection, device=env.device, plan=plan, sharders=[sharder])
         self._initialise(seed)
 
+    weight_name = f"embeddings.{TABLE}.weight"  # the table's key in the module's state dict
+
     def _shards(self):
-        weight = self.module.state_dict()[f"embeddings.{TABLE}.weight"]
-        return weight.local_shards()
+        return self.module.state_dict()[self.weight_name].local_shards()
 
     @torch.no_grad()
     def _initialise(self, seed: int, block: int = 1 << 16) -> None:

@@ -30,6 +30,13 @@ class TrainingTelemetry:
             buckets=_STEP_BUCKETS,
             registry=r,
         ).labels(**labels)
+        self.checkpoint_seconds = Histogram(
+            "lmrec_train_checkpoint_seconds",
+            "Wall time of one checkpoint save",
+            ["rank"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        ).labels(**labels)
         self.eval_metric = Gauge(
             "lmrec_eval_metric", "Last evaluation result", ["rank", "split", "scorer", "metric"], registry=r
         )
@@ -55,6 +62,9 @@ class TrainingTelemetry:
         if self.board is not None:
             for tag, value in (("train/loss", loss), ("train/learning_rate", lr), ("train/step_seconds", step_seconds)):
                 self.board.add_scalar(tag, value, self._step)
+
+    def checkpoint(self, seconds: float) -> None:
+        self.checkpoint_seconds.observe(seconds)
 
     def evaluation(self, result: dict) -> None:
         for scorer in ("model", "popularity"):

@@ -16,7 +16,7 @@ def check_device(cfg: Config) -> None:
         )
 
 
-def main(config_path: str | None, overrides: list[str]) -> dict:
+def main(config_path: str | None, overrides: list[str], resume: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)  # every config error surfaces before any process group
     from data.shards import load_manifest
     from train.trainer import Trainer, check_data
@@ -26,6 +26,8 @@ def main(config_path: str | None, overrides: list[str]) -> dict:
     env = compute_init(seed=cfg.schedule.seed)
     try:
         trainer = Trainer(cfg, env)
+        if resume:
+            trainer.resume(resume)
         return trainer.train()
     finally:
         compute_cleanup()

@@ -14,10 +14,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.loader import LoaderConfig, iterate_epoch, make_loader
+from data.loader import LoaderConfig, iterate_epoch, make_loader, slot_positions
 from data.shards import load_manifest
 from model.losses import RESERVED, full_softmax_loss, in_batch_loss, sampled_softmax_loss, weighted_mean
 from model.modeling import SequenceRecommender
+from train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    Preemption,
+    Progress,
+    TrainingParts,
+    check_compatible,
+    check_dense,
+    checkpoint_name,
+    resolve,
+)
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
@@ -133,9 +144,11 @@ class Trainer:
         weights = torch.ones(self.num_items) if cfg.model.negative_sampler == "uniform" else counts.float() + 1.0
         weights[:RESERVED] = 0.0
         self.proposal = weights / weights.sum()
-        self.step = 0
-        self.history: list[dict] = []
-        self.losses: list[float] = []  # the global per-token loss at every step
+        self.progress = Progress()
+        self.parts = TrainingParts(self.engine, model, self.items, cfg.parallel.zero_stage, env.rank, env.world_size)
+        self.checkpoints = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep, self.parts)
+        self.best_path: Path | None = None
+        self.preemption = Preemption(cfg.checkpoint.preemption_deadline_s)
         self.timer = PhaseTimer(cfg.schedule.time_phases, env.device)
         board = str(self.out / "tensorboard") if cfg.output.tensorboard else None
         self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank, board)
@@ -201,9 +214,9 @@ class Trainer:
         timer.mark("backward")
         self.engine.step()
         timer.mark("optimizer")
-        self.step += 1
-        self.losses.append(self._global_mean(loss.detach()))
-        return self.losses[-1]
+        self.progress.step += 1
+        self.progress.losses.append(self._global_mean(loss.detach()))
+        return self.progress.losses[-1]
 
     def _global_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """All ranks' weight (target token) sum over the world size: the loss normaliser."""
@@ -248,118 +261,227 @@ class Trainer:
         if self.env.is_main:
             save_model(directory, dense, table, meta)
 
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _data_signature(self) -> dict:
+        """What the data position depends on: with any of it changed, the saved position means
+        nothing and the data restarts at an epoch boundary."""
+        data, model = self.cfg.data, self.cfg.model
+        return {
+            "world_size": self.env.world_size,
+            "batch_size": data.batch_size,
+            "num_workers": data.num_workers,
+            "shuffle": data.shuffle,
+            "shuffle_buffer": data.shuffle_buffer,
+            "seed": self.cfg.schedule.seed,
+            "max_len": model.max_len,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+    def save_checkpoint(self) -> Path:
+        p = self.progress
+        meta = {
+            "config": self.cfg.to_dict(),
+            "vocab": self.model_vocab,
+            "precision": self.cfg.parallel.precision,
+            "sharding": self.cfg.parallel.sharding,
+            "data_signature": self._data_signature(),
+            "scheduler": self.engine.lr_scheduler.state_dict(),
+        }
+        position = {"epoch": p.epoch, "batch": p.batch, "slots": slot_positions(self.train_data, p.epoch, p.batch)}
+        started = time.perf_counter()
+        path = self.checkpoints.save(p, meta, position)
+        self.telemetry.checkpoint(time.perf_counter() - started)
+        self.log(f"checkpoint {path} ({time.perf_counter() - started:.1f} s)")
+        return path
+
+    def resume(self, spec: str) -> None:
+        """``--resume auto|PATH``: continue from a checkpoint, exactly when the topology and data
+        settings are unchanged, otherwise converted (resharded) with the data restarting at the
+        next epoch boundary."""
+        cfg, env = self.cfg, self.env
+        found = resolve(spec, cfg.checkpoint_dir, env.rank, env.world_size, self.log)
+        if found is None:
+            self.log(f"no checkpoint in {cfg.checkpoint_dir}; starting from scratch")
+            return
+        path, meta = found
+        for change in check_compatible(meta, cfg, self.model_vocab, str(path)):
+            self.log(f"resuming with a changed setting: {change}")
+        check_dense(path, self.model)
+        same_dense = (meta["world_size"], meta["zero_stage"], meta["precision"]) == (
+            env.world_size,
+            cfg.parallel.zero_stage,
+            cfg.parallel.precision,
+        )
+        same_data = meta["data_signature"] == self._data_signature()
+        self.checkpoints.load(path, meta, convert_dense=not same_dense)
+        p = self.progress = Progress(**meta["progress"])
+        if p.best_step >= 0:
+            self.best_path = path.parent / checkpoint_name(p.best_step)
+        where = f"step {p.step} (epoch {p.epoch}, batch {p.batch})"
+        if same_data:
+            state = self.checkpoints.rank_state(path)
+            expected = slot_positions(self.train_data, p.epoch, p.batch)
+            if {int(k): v for k, v in state["data"]["slots"].items()} != expected:
+                raise CheckpointError(f"{path}: saved data position {state['data']['slots']} != {expected}")
+            self.checkpoints.restore_rng(state)
+            self.log(f"resumed from {path} at {where}")
+            return
+        # Another world size or loader: RNG streams and data positions have no counterpart.
+        torch.manual_seed(cfg.schedule.seed * 1_000_003 + p.step * 1_009 + env.rank)
+        np.random.seed((cfg.schedule.seed, p.step, env.rank))
+        if p.batch:
+            p.epoch, p.batch = p.epoch + 1, 0
+        before = meta["data_signature"]
+        self.log(
+            f"resumed from {path} at {where}, resharded from {meta['world_size']} to {env.world_size} ranks "
+            f"(ZeRO stage {meta['zero_stage']} -> {cfg.parallel.zero_stage}, table {meta['sharding']} -> "
+            f"{cfg.parallel.sharding}); the data settings changed ({before['world_size']} ranks x batch "
+            f"{before['batch_size']} -> {env.world_size} x {cfg.data.batch_size}), so the data restarts at "
+            f"the next epoch boundary: epoch {p.epoch}"
+        )
+
     # -- the loop ------------------------------------------------------------------------------
 
-    def _snapshot(self) -> dict:
-        """The current weights, this rank's share, in memory: dense module and item shards."""
-        dense = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
-        sparse = [s.tensor.detach().clone() for s in self.items._shards()]
-        if self.cfg.parallel.zero_stage == 3:
-            dense = {id(p): p.ds_tensor.detach().clone() for p in self.engine.module.parameters()}
-        return {"dense": dense, "sparse": sparse}
-
-    @torch.no_grad()
-    def _restore(self, snapshot: dict) -> None:
-        if self.cfg.parallel.zero_stage == 3:
-            for p in self.engine.module.parameters():
-                p.ds_tensor.copy_(snapshot["dense"][id(p)])
-        else:
-            self.engine.module.load_state_dict(snapshot["dense"])
-        for shard, saved in zip(self.items._shards(), snapshot["sparse"]):
-            shard.tensor.copy_(saved)
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if any rank says so: ranks' clocks differ, their steps must not."""
-        if not self.cfg.schedule.max_minutes or not dist.is_initialized():
-            return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on every rank if any rank says so: ranks' clocks and signals differ,
+        their steps must not."""
+        if not dist.is_initialized() or self.env.world_size == 1:
+            return [bool(f) for f in flags]
+        value = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.env.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return [bool(v) for v in value.tolist()]
 
     def log(self, message: str) -> None:
         if self.env.is_main:
             print(message, flush=True)
 
+    def _out_of_steps(self) -> bool:
+        return bool(self.cfg.schedule.max_steps) and self.progress.step >= self.cfg.schedule.max_steps
+
     def train(self) -> dict:
-        cfg = self.cfg
-        best, best_snapshot, stale = -1.0, None, 0
-        started = time.perf_counter()
-        tokens, training_seconds = 0, 0.0  # training_seconds: data wait + steps, no evaluation
-        stop = False
-        for epoch in range(cfg.schedule.epochs):
-            losses = []
+        with self.preemption:
+            preempted = self._train_epochs()
+        if preempted:
+            return {"preempted": True, "steps": self.progress.step}
+        return self._finish()
+
+    def _train_epochs(self) -> bool:
+        """Trains until the schedule ends; True when stopped by preemption (checkpoint saved)."""
+        cfg, p = self.cfg, self.progress
+        started = time.perf_counter() - p.elapsed_seconds
+        every = cfg.checkpoint.every_steps
+        while p.epoch < cfg.schedule.epochs and not p.stopped_early:
+            epoch, stop = p.epoch, self._out_of_steps()
             self.timer.mark("evaluation")
             waited_from = time.perf_counter()
-            for batch in iterate_epoch(self.train_data, self.train_loader, epoch):
+            batches = iterate_epoch(self.train_data, self.train_loader, epoch, skip=p.batch)
+            for batch in batches if not stop else ():
                 self.timer.mark("data")
                 step_from = time.perf_counter()
-                losses.append(self.train_step(batch))
+                loss = self.train_step(batch)
+                p.batch += 1
                 step_tokens = int((batch["lengths"] - 1).clamp(min=0).sum())
-                tokens += step_tokens
+                p.tokens += step_tokens
                 done = time.perf_counter()
                 self.telemetry.step(
-                    step_tokens, losses[-1], self.engine.get_lr()[0], done - step_from, step_from - waited_from
+                    step_tokens, loss, self.engine.get_lr()[0], done - step_from, step_from - waited_from
                 )
-                training_seconds += done - waited_from
+                p.training_seconds += done - waited_from
+                p.elapsed_seconds = done - started
                 waited_from = done
-                if self.step % cfg.schedule.log_every == 0:
-                    elapsed = time.perf_counter() - started
-                    eta = elapsed / self.step * (self.total_steps - self.step)
-                    lr = self.engine.get_lr()[0]
-                    self.log(
-                        f"step {self.step}/{self.total_steps} epoch {epoch} loss {np.mean(losses[-cfg.schedule.log_every :]):.4f} "
-                        f"lr {lr:.2e} tokens/s {tokens * self.env.world_size / training_seconds:,.0f} eta {eta:,.0f}s"
-                    )
-                out_of_time = cfg.schedule.max_minutes and time.perf_counter() - started > 60 * cfg.schedule.max_minutes
-                if (cfg.schedule.max_steps and self.step >= cfg.schedule.max_steps) or self._agree(out_of_time):
-                    stop = True
+                if p.step % cfg.schedule.log_every == 0:
+                    self._log_step(epoch, p.elapsed_seconds)
+                out_of_time = cfg.schedule.max_minutes and p.elapsed_seconds > 60 * cfg.schedule.max_minutes
+                out_of_time, preempted = self._agree(out_of_time, self.preemption.requested)
+                if preempted:
+                    self._save_on_preemption()
+                    return True
+                stop = out_of_time or self._out_of_steps()
+                if stop:
                     break
-            if (epoch + 1) % cfg.schedule.eval_every == 0 or stop or epoch == cfg.schedule.epochs - 1:
-                result = self.evaluate("valid")
-                self.telemetry.evaluation(result)
-                ndcg = result["model"]["NDCG@10"]
-                self.history.append(
-                    {
-                        "epoch": epoch,
-                        "step": self.step,
-                        "train_loss": float(np.mean(losses)) if losses else None,
-                        "valid": result,
-                    }
-                )
-                self.log(
-                    f"epoch {epoch} valid NDCG@10 {ndcg:.4f} HR@10 {result['model']['HR@10']:.4f} (popularity {result['popularity']['NDCG@10']:.4f})"
-                )
-                if ndcg > best:
-                    best, best_snapshot, stale = ndcg, self._snapshot(), 0
-                else:
-                    stale += 1
-                    if stale >= cfg.schedule.patience:
-                        self.log(f"early stop: no better validation NDCG@10 for {stale} evaluations")
-                        break
+                if every and p.step % every == 0 and p.batch < self.steps_per_epoch:
+                    self.save_checkpoint()
+            if p.batch >= self.steps_per_epoch:
+                p.epoch, p.batch = epoch + 1, 0
+            last = p.epoch >= cfg.schedule.epochs
+            due = p.batch == 0 and (p.epoch % cfg.schedule.eval_every == 0 or last)
+            if (due or stop) and p.evaluated_step != p.step:
+                self._validate(epoch)
+                self.save_checkpoint()
+            elif every and p.step % every == 0 and p.batch == 0:
+                self.save_checkpoint()
+            if self._agree(self.preemption.requested)[0]:
+                self._save_on_preemption()
+                return True
             if stop:
                 break
-        if best_snapshot is not None:
-            self._restore(best_snapshot)
+        return False
+
+    def _log_step(self, epoch: int, elapsed: float) -> None:
+        p, every = self.progress, self.cfg.schedule.log_every
+        eta = elapsed / max(p.step, 1) * (self.total_steps - p.step)
+        tokens_per_s = p.tokens * self.env.world_size / max(p.training_seconds, 1e-9)
+        self.log(
+            f"step {p.step}/{self.total_steps} epoch {epoch} loss {np.mean(p.losses[-every:]):.4f} "
+            f"lr {self.engine.get_lr()[0]:.2e} tokens/s {tokens_per_s:,.0f} eta {eta:,.0f}s"
+        )
+
+    def _validate(self, epoch: int) -> None:
+        p = self.progress
+        result = self.evaluate("valid")
+        self.telemetry.evaluation(result)
+        ndcg = result["model"]["NDCG@10"]
+        first = p.history[-1]["step"] if p.history else 0
+        epoch_losses = p.losses[first:]
+        p.history.append(
+            {
+                "epoch": epoch,
+                "step": p.step,
+                "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+                "valid": result,
+            }
+        )
+        p.evaluated_step = p.step
+        self.log(
+            f"epoch {epoch} valid NDCG@10 {ndcg:.4f} HR@10 {result['model']['HR@10']:.4f} "
+            f"(popularity {result['popularity']['NDCG@10']:.4f})"
+        )
+        if ndcg > p.best_ndcg:
+            p.best_ndcg, p.best_step, p.stale = ndcg, p.step, 0
+            self.best_path = self.checkpoints.root / checkpoint_name(p.step)
+        else:
+            p.stale += 1
+            if p.stale >= self.cfg.schedule.patience:
+                self.log(f"early stop: no better validation NDCG@10 for {p.stale} evaluations")
+                p.stopped_early = True
+
+    def _save_on_preemption(self) -> None:
+        started = time.perf_counter()
+        path = self.save_checkpoint()
+        self.log(
+            f"preempted (SIGTERM) at step {self.progress.step}: checkpoint {path} saved in "
+            f"{time.perf_counter() - started:.1f} s; continue with --resume auto"
+        )
+
+    def _finish(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        if p.best_step >= 0 and p.best_step != p.step:
+            self.checkpoints.load_weights(self.best_path)
         test = self.evaluate("test")
         self.telemetry.evaluation(test)
-        meta = {
-            "config": cfg.to_dict(),
-            "vocab": self.model_vocab,
-            "step": self.step,
-            "best_valid_ndcg10": best,
-            "test": test,
-        }
-        self.save_best(self.out / "best", meta)
+        meta = {"config": cfg.to_dict(), "vocab": self.model_vocab, "step": p.step, "best_valid_ndcg10": p.best_ndcg}
+        self.save_best(self.out / "best", meta | {"test": test})
         summary = {
             "config": cfg.to_dict(),
             "world_size": self.env.world_size,
-            "steps": self.step,
-            "train_seconds": round(time.perf_counter() - started, 1),
-            "tokens_per_s": round(tokens * self.env.world_size / max(training_seconds, 1e-9)),
-            "training_seconds": round(training_seconds, 1),
-            "best_valid_ndcg10": best,
-            "history": self.history,
-            "losses": self.losses,
+            "steps": p.step,
+            "train_seconds": round(p.elapsed_seconds, 1),
+            "tokens_per_s": round(p.tokens * self.env.world_size / max(p.training_seconds, 1e-9)),
+            "training_seconds": round(p.training_seconds, 1),
+            "best_valid_ndcg10": p.best_ndcg,
+            "history": p.history,
+            "losses": p.losses,
             "phase_seconds": {k: round(v, 3) for k, v in self.timer.seconds.items()},
             "test": test,
         }
