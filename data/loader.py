@@ -16,9 +16,14 @@ epoch after its first k batches in exactly the order an uninterrupted epoch woul
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
+import os
 import random
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,8 +367,27 @@ def _worker_context():
     epoch, but never forked from a training process whose communication threads may hold locks
     (plain fork from there hung a 2-rank run once in CI)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["data.loader"])
+    context.set_forkserver_preload(["data.worker_process", "data.loader"])
     return context
+
+
+def _init_worker(rank_pid: int, worker_id: int) -> None:
+    """A preemption SIGTERM reaches the workers too (launchers signal the whole process group),
+    but the rank needs them until it has checkpointed at its next step boundary: they ignore it
+    (PyTorch installs its own SIGTERM handler in each worker, so this must happen here) and end
+    once the rank is gone. PyTorch's own parent check cannot see that: workers are children of
+    the forkserver, not of the rank, and orphans would live on holding the launcher's output."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(rank_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lmrec-rank-watch", daemon=True).start()
 
 
 def make_loader(
@@ -379,5 +403,6 @@ def make_loader(
         # resumed mid-epoch would see different dropout and negatives than an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
         multiprocessing_context=_worker_context() if cfg.num_workers else None,
+        worker_init_fn=functools.partial(_init_worker, os.getpid()) if cfg.num_workers else None,
     )
     return dataset, loader

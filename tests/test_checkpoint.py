@@ -41,8 +41,8 @@ def reference(tmp_path_factory, shards):
     return out, summary
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
 
 def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
@@ -55,9 +55,11 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
     raise AssertionError(f"no rank {rank} process under torchrun")
 
 
-def _run_until(cmd, marker: str, action, timeout=300) -> tuple[int, str]:
+def _run_until(cmd, marker: str, action, timeout=300, env=None) -> tuple[int, str]:
     """Starts ``cmd``, calls ``action(process)`` when ``marker`` appears in its output, waits."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines, fired = [], False
     deadline = time.time() + timeout
     for line in proc.stdout:
@@ -117,7 +119,10 @@ def test_elastic_restart_resumes_from_the_last_checkpoint_by_itself(tmp_path, sh
     _, ref = reference
     out = tmp_path / "elastic"
     cmd = torchrun_cmd(out, shards, *EXACT, torchrun_args=["--max-restarts=1"], train_args=["--resume", "auto"])
-    code, log = _run_until(cmd, f"step {KILL_AT}/", _kill_rank_1)
+    # Restarted workers must not share the launcher's store with the failed round: they would read
+    # its stale gloo addresses and never connect (pytorch/pytorch#135712).
+    env = _env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    code, log = _run_until(cmd, f"step {KILL_AT}/", _kill_rank_1, env=env)
     assert code == 0, log[-3000:]
     assert "no checkpoint in" in log  # the first attempt started fresh
     assert "resumed from" in log and "at step 16 (epoch 1, batch 2)" in log
@@ -141,7 +146,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_within_the_deadline(tmp_path, shar
 
     code, log = _run_until(torchrun_cmd(out, shards, *overrides), "step 10/", preempt)
     assert time.time() - sent["at"] < 30
-    line = next(line for line in log.splitlines() if line.startswith("preempted (SIGTERM) at step "))
+    lines = [line for line in log.splitlines() if line.startswith("preempted (SIGTERM) at step ")]
+    assert lines, log[-5000:]
+    line = lines[0]
     step = int(line.split()[4].rstrip(":"))
     assert step >= 10 and "Traceback" not in log.split(line)[0][-2000:]
     latest = (out / "checkpoints" / "latest").read_text().strip()
@@ -158,7 +165,7 @@ def test_a_missed_preemption_deadline_leaves_no_checkpoint_behind(tmp_path, shar
     overrides = ["schedule.epochs=50", "schedule.log_every=1", "checkpoint.preemption_deadline_s=0.01"]
     code, log = _run_until(torchrun_cmd(out, shards, *overrides), "step 5/", lambda p: p.send_signal(signal.SIGTERM))
     assert code != 0
-    assert "preemption deadline of 0.01 s passed before the checkpoint was complete" in log
+    assert "preemption deadline of 0.01 s passed before the checkpoint was complete" in log, log[-5000:]
     assert not (out / "checkpoints" / "latest").exists()
 
 
