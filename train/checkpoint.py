@@ -294,21 +294,26 @@ def _set_dense(parts: TrainingParts, tensors: dict[str, torch.Tensor], step: int
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     inner = _inner_optimizer(parts.engine)
+    # AdamW creates its state at the first step (ZeRO-3 and stage 0 have none yet): create it
+    # here, at the saved step count, so that the moments below have somewhere to go. ZeRO-3
+    # points the optimizer's groups at its fp32 partitions only while stepping.
+    partitions = [p for g in inner.param_groups for p in g["params"]]
+    partitions += getattr(parts.engine.optimizer, "fp32_partitioned_groups_flat", [])
+    for flat in {id(p): p for p in partitions}.values():
+        state = inner.state[flat]
+        for key in ADAM_STATES:
+            state.setdefault(key, torch.zeros_like(flat))
+        state["step"] = torch.tensor(float(step))
     for name, p in parts.module.named_parameters():
         weight = tensors[f"weight/{name}"]
         if parts.zero_stage == 0:
             p.data.copy_(weight)
-            inner.state[p] = {"step": torch.tensor(float(step))} | {
-                k: tensors[f"{k}/{name}"].to(p).clone() for k in ADAM_STATES
-            }
+            for key in ADAM_STATES:
+                inner.state[p][key].copy_(tensors[f"{key}/{name}"])
         else:
             safe_set_full_fp32_param(p, weight.to(parts.engine.device))
             for key in ADAM_STATES:
                 safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(parts.engine.device), key)
-    if parts.zero_stage > 0:
-        for state in inner.state.values():
-            if "step" in state:
-                state["step"] = torch.full_like(torch.as_tensor(state["step"]), step)
     # The working (possibly bf16) weights follow the fp32 master weights.
     _set_module_weights(parts, {n: tensors[f"weight/{n}"] for n, _ in parts.module.named_parameters()})
     scheduler = parts.engine.lr_scheduler
@@ -373,7 +378,8 @@ def check_compatible(meta: dict, cfg, vocab: dict, where: str) -> list[str]:
 def _check_dense_shapes(path: Path, module: torch.nn.Module, where: str) -> None:
     with safe_open(str(path), "pt") as f:
         saved = {k.removeprefix("weight/"): f.get_slice(k).get_shape() for k in f.keys() if k.startswith("weight/")}
-    current = {n: list(p.shape) for n, p in module.named_parameters()}
+    # ZeRO-3 leaves each rank a partition; ds_shape is the parameter's real shape.
+    current = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
     for name in sorted(set(saved) | set(current)):
         if name not in current or name not in saved:
             side = "only the checkpoint" if name in saved else "only this model"
