@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/data_prep.py
 	$(PY) benchmarks/train_ml1m.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/checkpoint.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -78,6 +78,16 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 1 << 28)
 
 
+def _init_process_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:
+    """The env:// rendezvous, with every key under the launcher's restart count. torchrun keeps
+    one store across elastic restarts; without the prefix, restarted ranks can read the failed
+    attempt's gloo/NCCL addresses and never connect (pytorch/pytorch#135712)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"lmrec/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
     """Initialises the process group and seeds every generator; call once per process."""
     _keep_freed_memory()
@@ -99,7 +109,8 @@ def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+        _init_process_group(backend, rank, world, timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,0 +1,201 @@
+"""Checkpoint save, load and consolidation cost on 2 CPU ranks.
+
+Two cases: the ML-1M recipe's model (configs/ml-1m.yaml, after a few training steps), and a
+10 M-row x 64 item table sharded row-wise over 2 ranks beside the same small dense model. For
+each: save time, size on disk, load time at the same topology (DeepSpeed's checkpoint) and
+converted (the per-parameter dense state, as when resharding). For the large table, also
+``lmrec checkpoint consolidate``'s time and peak memory (it streams the table in row blocks).
+Writes benchmarks/results/checkpoint.json.
+
+    python benchmarks/checkpoint.py [--rows 10000000] [--shards runs/ml-1m/shards]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - started, value
+
+
+def _measure(checkpointer, progress, meta, position) -> dict:
+    """Two saves (steps N and N+1), then a same-topology load and a converted load."""
+    from train.checkpoint import read_meta
+
+    saves = []
+    for _ in range(2):
+        progress.step += 1
+        seconds, path = _timed(lambda: checkpointer.save(progress, meta, position))
+        saves.append(seconds)
+    saved = read_meta(path)
+    load_same, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=False))
+    load_converted, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=True))
+    return {
+        "checkpoint": str(path),
+        "bytes": _size(path),
+        "save_seconds": [round(s, 3) for s in saves],
+        "load_same_topology_seconds": round(load_same, 3),
+        "load_converted_seconds": round(load_converted, 3),
+    }
+
+
+def worker_ml1m(shards: str, out: str) -> dict:
+    from data.loader import iterate_epoch, slot_positions
+    from train.config import load_config
+    from train.distributed import compute_init
+    from train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "ml-1m.yaml", [f"data.shards={shards}", f"output.dir={out}"])
+    env = compute_init(seed=0)
+    trainer = Trainer(cfg, env)
+    for i, batch in enumerate(iterate_epoch(trainer.train_data, trainer.train_loader, epoch=0)):
+        trainer.train_step(batch)
+        trainer.progress.batch += 1
+        if i == 2:
+            break
+    p = trainer.progress
+    meta = {
+        "config": cfg.to_dict(),
+        "vocab": trainer.model_vocab,
+        "precision": cfg.parallel.precision,
+        "sharding": cfg.parallel.sharding,
+        "data_signature": trainer._data_signature(),
+        "scheduler": trainer.engine.lr_scheduler.state_dict(),
+    }
+    position = {"epoch": 0, "batch": p.batch, "slots": slot_positions(trainer.train_data, 0, p.batch)}
+    result = _measure(trainer.checkpoints, p, meta, position)
+    result |= {"items": trainer.num_items, "dense_parameters": sum(x.numel() for x in trainer.model.parameters())}
+    return result
+
+
+def worker_table(rows: int, dim: int, out: str) -> dict:
+    import deepspeed
+    import torch
+
+    from model.config import ModelConfig
+    from model.modeling import SequenceRecommender
+    from train.checkpoint import Checkpointer, Progress, TrainingParts
+    from train.config import Config, DataConfig
+    from train.distributed import compute_init
+    from train.embeddings import ItemEmbeddings
+
+    cfg = Config(data=DataConfig(shards="synthetic"), model=ModelConfig(hidden_size=dim))
+    env = compute_init(seed=0)
+    started = time.perf_counter()
+    items = ItemEmbeddings(rows, dim, env, "row_wise", "rowwise_adagrad", 0.05, 0)
+    build_seconds = time.perf_counter() - started
+    model = SequenceRecommender(cfg.model, 0, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg.deepspeed_config()
+    )
+    # One real step, so that both optimizers hold state.
+    ids = torch.randint(2, rows, (8, 20))
+    vectors = items.lookup(ids.reshape(-1)).reshape(8, 20, dim)
+    hidden = engine(vectors, torch.full((8,), 20), None, None)
+    loss = hidden.pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    parts = TrainingParts(engine, model, items, cfg.parallel.zero_stage, env.rank, env.world_size)
+    checkpointer = Checkpointer(Path(out) / "checkpoints", keep=1, parts=parts)
+    meta = {
+        "config": cfg.to_dict(),
+        "vocab": {"items": rows, "actions": 0, "gaps": 0},
+        "scheduler": scheduler.state_dict(),
+    }
+    result = _measure(checkpointer, Progress(), meta, {})
+    return result | {
+        "rows": rows,
+        "dim": dim,
+        "table_bytes_fp32": rows * dim * 4,
+        "table_build_seconds": round(build_seconds, 1),
+    }
+
+
+def worker_consolidate(checkpoint: str, out: str) -> dict:
+    from train.checkpoint import consolidate
+
+    seconds, _ = _timed(lambda: consolidate(Path(checkpoint), Path(out), log=lambda _: None))
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "output_bytes": _size(Path(out)),
+    }
+
+
+def _torchrun(case: list[str], work: Path) -> dict:
+    result_file = work / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29737", __file__]
+    cmd += ["--worker", *case, "--result", str(result_file)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(result_file.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--shards", default=str(ROOT / "runs" / "ml-1m" / "shards"))
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-checkpoint"))
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "ml1m":
+            result = worker_ml1m(*rest)
+        elif kind == "table":
+            result = worker_table(int(rest[0]), int(rest[1]), rest[2])
+        else:
+            result = worker_consolidate(*rest)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.result).write_text(json.dumps(result))
+        return
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results = {"machine": f"{os.cpu_count()} CPU cores, 2 ranks (gloo)"}
+    if (Path(args.shards) / "manifest.json").exists():
+        results["ml1m"] = _torchrun(["ml1m", args.shards, str(work / "ml1m")], work)
+        print(json.dumps(results["ml1m"], indent=1))
+    else:
+        print(f"skipping the ML-1M case: no shards at {args.shards} (see benchmarks/train_ml1m.py)")
+    table = _torchrun(["table", str(args.rows), str(args.dim), str(work / "table")], work)
+    print(json.dumps(table, indent=1))
+    subprocess.run(
+        [sys.executable, __file__, "--worker", "consolidate", table["checkpoint"], str(work / "consolidated"),
+         "--result", str(work / "consolidate.json")],
+        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    table["consolidate"] = json.loads((work / "consolidate.json").read_text())
+    results["table"] = table
+    print(json.dumps(table["consolidate"], indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "checkpoint.json").write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
