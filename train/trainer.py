@@ -318,14 +318,20 @@ class Trainer:
         p = self.progress = Progress(**meta["progress"])
         if p.best_step >= 0:
             self.best_path = path.parent / checkpoint_name(p.best_step)
-        where = f"step {p.step} (epoch {p.epoch}, batch {p.batch})"
+        message = f"resumed from {path} at step {p.step} (epoch {p.epoch}, batch {p.batch})"
+        if not same_dense or (meta["world_size"], meta["sharding"]) != (env.world_size, cfg.parallel.sharding):
+            message += (
+                f", resharded from {meta['world_size']} to {env.world_size} ranks (ZeRO stage {meta['zero_stage']} -> "
+                f"{cfg.parallel.zero_stage}, {meta['precision']} -> {cfg.parallel.precision}, table {meta['sharding']} "
+                f"-> {cfg.parallel.sharding})"
+            )
         if same_data:
             state = self.checkpoints.rank_state(path)
             expected = slot_positions(self.train_data, p.epoch, p.batch)
             if {int(k): v for k, v in state["data"]["slots"].items()} != expected:
                 raise CheckpointError(f"{path}: saved data position {state['data']['slots']} != {expected}")
             self.checkpoints.restore_rng(state)
-            self.log(f"resumed from {path} at {where}")
+            self.log(message)
             return
         # Another world size or loader: RNG streams and data positions have no counterpart.
         torch.manual_seed(cfg.schedule.seed * 1_000_003 + p.step * 1_009 + env.rank)
@@ -334,11 +340,9 @@ class Trainer:
             p.epoch, p.batch = p.epoch + 1, 0
         before = meta["data_signature"]
         self.log(
-            f"resumed from {path} at {where}, resharded from {meta['world_size']} to {env.world_size} ranks "
-            f"(ZeRO stage {meta['zero_stage']} -> {cfg.parallel.zero_stage}, table {meta['sharding']} -> "
-            f"{cfg.parallel.sharding}); the data settings changed ({before['world_size']} ranks x batch "
-            f"{before['batch_size']} -> {env.world_size} x {cfg.data.batch_size}), so the data restarts at "
-            f"the next epoch boundary: epoch {p.epoch}"
+            f"{message}; the data settings changed ({before['world_size']} ranks x batch {before['batch_size']} x "
+            f"{before['num_workers']} workers -> {env.world_size} x {cfg.data.batch_size} x {cfg.data.num_workers}), "
+            f"so the data restarts at the next epoch boundary: epoch {p.epoch}"
         )
 
     # -- the loop ------------------------------------------------------------------------------
