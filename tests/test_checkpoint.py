@@ -181,9 +181,10 @@ def _reshard(tmp_path, shards, source, target, nproc_source, nproc_target):
     checkpoint = src / "checkpoints" / "step_000000013"
     assert checkpoint.is_dir()
 
-    # Loaded at the other size, the checkpoint scores exactly as it did where it was written.
+    # Loaded at the other size (and ZeRO stage 0), the checkpoint scores exactly as it did where
+    # it was written.
     evaluated, log = torchrun_train(
-        tmp_path / "evaluated", shards, *RESHARD, *target, "schedule.epochs=1",
+        tmp_path / "evaluated", shards, *RESHARD, *target, "parallel.zero_stage=0", "schedule.epochs=1",
         nproc=nproc_target, train_args=["--resume", str(checkpoint)],
     )  # fmt: skip
     assert f"resharded from {nproc_source} to {nproc_target} ranks" in log
@@ -209,12 +210,12 @@ def _reshard(tmp_path, shards, source, target, nproc_source, nproc_target):
 
 def test_two_ranks_reshard_to_one_with_another_zero_stage_and_sharding(tmp_path, shards):
     source = [*TWO, "parallel.zero_stage=2", "parallel.sharding=row_wise"]
-    target = [*ONE, "parallel.zero_stage=0", "parallel.sharding=table_wise"]
+    target = [*ONE, "parallel.zero_stage=1", "parallel.sharding=table_wise"]
     _reshard(tmp_path, shards, source, target, 2, 1)
 
 
 def test_one_rank_reshards_to_two_with_another_zero_stage_and_sharding(tmp_path, shards):
-    source = [*ONE, "parallel.zero_stage=1", "parallel.sharding=row_wise"]
+    source = [*ONE, "parallel.zero_stage=0", "parallel.sharding=row_wise"]
     target = [*TWO, "parallel.zero_stage=3", "parallel.sharding=table_wise"]
     _reshard(tmp_path, shards, source, target, 1, 2)
 

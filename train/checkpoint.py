@@ -304,6 +304,12 @@ def _set_dense(parts: TrainingParts, tensors: dict[str, torch.Tensor], step: int
         for key in ADAM_STATES:
             state.setdefault(key, torch.zeros_like(flat))
         state["step"] = torch.tensor(float(step))
+    zero = parts.engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 (and DeepSpeed's bf16 optimizer) link each parameter to its slice of the
+        # optimizer state only after their first step; link them now, to the state above.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
     for name, p in parts.module.named_parameters():
         weight = tensors[f"weight/{name}"]
         if parts.zero_stage == 0:
