@@ -38,21 +38,24 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def _measure(checkpointer, progress, meta, position) -> dict:
-    """Two saves (steps N and N+1), then a same-topology load and a converted load."""
-    from train.checkpoint import read_meta
+    """Two saves (steps N and N+1); checksum verification (what --resume does first); a
+    same-topology load and a converted load (files in the page cache: a warm read)."""
+    from train.checkpoint import verify
 
     saves = []
     for _ in range(2):
         progress.step += 1
         seconds, path = _timed(lambda: checkpointer.save(progress, meta, position))
         saves.append(seconds)
-    saved = read_meta(path)
+    parts = checkpointer.parts
+    verify_seconds, saved = _timed(lambda: verify(path, parts.rank, parts.world_size))
     load_same, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=False))
     load_converted, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=True))
     return {
-        "checkpoint": str(path),
+        "checkpoint": path.name,
         "bytes": _size(path),
         "save_seconds": [round(s, 3) for s in saves],
+        "verify_seconds": round(verify_seconds, 3),
         "load_same_topology_seconds": round(load_same, 3),
         "load_converted_seconds": round(load_converted, 3),
     }
@@ -162,6 +165,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
+        from train.distributed import compute_cleanup
+
         kind, *rest = args.worker
         if kind == "ml1m":
             result = worker_ml1m(*rest)
@@ -169,6 +174,7 @@ def main() -> None:
             result = worker_table(int(rest[0]), int(rest[1]), rest[2])
         else:
             result = worker_consolidate(*rest)
+        compute_cleanup()  # a rank exiting with live gloo threads can abort
         if int(os.environ.get("RANK", "0")) == 0:
             Path(args.result).write_text(json.dumps(result))
         return
@@ -185,7 +191,7 @@ def main() -> None:
     table = _torchrun(["table", str(args.rows), str(args.dim), str(work / "table")], work)
     print(json.dumps(table, indent=1))
     subprocess.run(
-        [sys.executable, __file__, "--worker", "consolidate", table["checkpoint"], str(work / "consolidated"),
+        [sys.executable, __file__, "--worker", "consolidate", str(work / "table" / "checkpoints" / table["checkpoint"]), str(work / "consolidated"),
          "--result", str(work / "consolidate.json")],
         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

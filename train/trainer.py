@@ -367,6 +367,7 @@ class Trainer:
         with self.preemption:
             preempted = self._train_epochs()
         if preempted:
+            self.telemetry.close()
             return {"preempted": True, "steps": self.progress.step}
         return self._finish()
 
