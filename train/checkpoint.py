@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from serve.tensorfile import BlockWriter
+
 FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"
@@ -381,8 +383,10 @@ def check_compatible(meta: dict, cfg, vocab: dict, where: str) -> list[str]:
     return changed
 
 
-def _check_dense_shapes(path: Path, module: torch.nn.Module, where: str) -> None:
-    with safe_open(str(path), "pt") as f:
+def check_dense(path: Path, module: torch.nn.Module) -> None:
+    """Raises naming the first dense parameter whose presence or shape differs."""
+    where = str(path)
+    with safe_open(str(Path(path) / DENSE), "pt") as f:
         saved = {k.removeprefix("weight/"): f.get_slice(k).get_shape() for k in f.keys() if k.startswith("weight/")}
     # ZeRO-3 leaves each rank a partition; ds_shape is the parameter's real shape.
     current = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
@@ -576,31 +580,7 @@ def _load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
-def check_dense(path: Path, module: torch.nn.Module) -> None:
-    _check_dense_shapes(Path(path) / DENSE, module, str(path))
-
-
 # -- consolidation ----------------------------------------------------------------------------------
-
-
-def _write_rows_safetensors(path: Path, name: str, shape: tuple[int, int], blocks, metadata: dict) -> None:
-    """A one-tensor fp32 safetensors file written block by block, never whole in memory."""
-    rows, cols = shape
-    header = {name: {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}}
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    written = 0
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for block in blocks:
-            f.write(block.contiguous().float().numpy().tobytes())
-            written += len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    if written != rows:
-        raise CheckpointError(f"{path}: wrote {written} rows of {rows}")
 
 
 def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=print) -> Path:
@@ -618,11 +598,9 @@ def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=p
     rows = meta["vocab"]["items"]
     cols = meta["config"]["model"]["hidden_size"]
 
-    def blocks():
+    with BlockWriter(tmp / SAVED_ITEMS, {"items": (np.float32, (rows, cols))}, {"source": checkpoint.name}) as out_file:
         for start in range(0, rows, block_rows):
-            yield read_item_rows(checkpoint, start, min(rows, start + block_rows))
-
-    _write_rows_safetensors(tmp / SAVED_ITEMS, "items", (rows, cols), blocks(), {"source": checkpoint.name})
+            out_file.write("items", start, read_item_rows(checkpoint, start, min(rows, start + block_rows)).numpy())
     saved = {
         "config": meta["config"],
         "vocab": meta["vocab"],
