@@ -37,7 +37,7 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def _measure(checkpointer, progress, meta, position) -> dict:
+def _measure(checkpointer, progress, save) -> dict:
     """Two saves (steps N and N+1); checksum verification (what --resume does first); a
     same-topology load and a converted load (files in the page cache: a warm read)."""
     from train.checkpoint import verify
@@ -45,7 +45,7 @@ def _measure(checkpointer, progress, meta, position) -> dict:
     saves = []
     for _ in range(2):
         progress.step += 1
-        seconds, path = _timed(lambda: checkpointer.save(progress, meta, position))
+        seconds, path = _timed(save)
         saves.append(seconds)
     parts = checkpointer.parts
     verify_seconds, saved = _timed(lambda: verify(path, parts.rank, parts.world_size))
@@ -62,7 +62,7 @@ def _measure(checkpointer, progress, meta, position) -> dict:
 
 
 def worker_ml1m(shards: str, out: str) -> dict:
-    from data.loader import iterate_epoch, slot_positions
+    from data.loader import iterate_epoch
     from train.config import load_config
     from train.distributed import compute_init
     from train.trainer import Trainer
@@ -75,17 +75,7 @@ def worker_ml1m(shards: str, out: str) -> dict:
         trainer.progress.batch += 1
         if i == 2:
             break
-    p = trainer.progress
-    meta = {
-        "config": cfg.to_dict(),
-        "vocab": trainer.model_vocab,
-        "precision": cfg.parallel.precision,
-        "sharding": cfg.parallel.sharding,
-        "data_signature": trainer._data_signature(),
-        "scheduler": trainer.engine.lr_scheduler.state_dict(),
-    }
-    position = {"epoch": 0, "batch": p.batch, "slots": slot_positions(trainer.train_data, 0, p.batch)}
-    result = _measure(trainer.checkpoints, p, meta, position)
+    result = _measure(trainer.checkpoints, trainer.progress, trainer.save_checkpoint)
     result |= {"items": trainer.num_items, "dense_parameters": sum(x.numel() for x in trainer.model.parameters())}
     return result
 
@@ -126,7 +116,8 @@ def worker_table(rows: int, dim: int, out: str) -> dict:
         "vocab": {"items": rows, "actions": 0, "gaps": 0},
         "scheduler": scheduler.state_dict(),
     }
-    result = _measure(checkpointer, Progress(), meta, {})
+    progress = Progress()
+    result = _measure(checkpointer, progress, lambda: checkpointer.save(progress, meta, {}))
     return result | {
         "rows": rows,
         "dim": dim,

@@ -90,13 +90,18 @@ def atomic_output_dir(out: Path, overwrite: bool):
         tmp.rename(out)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Written under a temporary name, fsynced, then renamed: readers see the old or the new file."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def load_manifest(directory: Path) -> dict:

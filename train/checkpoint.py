@@ -21,7 +21,6 @@ moves last, so a crash at any moment leaves either the old or the new checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -46,6 +45,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from data.shards import atomic_output_dir, sha256_file, write_json_atomic, write_text_atomic
 from serve.tensorfile import BlockWriter
 
 FORMAT_VERSION = 1
@@ -142,18 +142,10 @@ def _share(items: list, rank: int, world_size: int, work) -> dict:
     return {k: v for part in everyone for k, v in part.items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_and_hash(path: Path) -> tuple[int, str]:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-    return path.stat().st_size, _sha256(path)
+    return path.stat().st_size, sha256_file(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,15 +154,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
 
 
 # -- the item table in row blocks --------------------------------------------------------------
@@ -432,7 +415,7 @@ def verify(path: Path, rank: int = 0, world_size: int = 1) -> dict:
         size = file.stat().st_size
         if size != files[name]["bytes"]:
             return f"{name} is truncated or replaced ({size} bytes, {files[name]['bytes']} expected)"
-        if _sha256(file) != files[name]["sha256"]:
+        if sha256_file(file) != files[name]["sha256"]:
             return f"checksum mismatch in {name}"
         return None
 
@@ -470,8 +453,6 @@ def resolve(resume: str, root: Path, rank: int = 0, world_size: int = 1, log=pri
             log(f"checkpoint {path.name} is broken, trying the previous one: {e}")
     if resume != "auto":
         raise CheckpointError(f"--resume {resume}: no usable checkpoint in {root}")
-    if candidates:
-        log(f"no usable checkpoint in {root}; starting from scratch")
     return None
 
 
@@ -519,7 +500,7 @@ class Checkpointer:
                 "progress": asdict(progress),
                 "files": {n: {"bytes": digests[n][0], "sha256": digests[n][1]} for n in names},
             }
-            _write_atomically(tmp / META, json.dumps(record, indent=1, default=float))
+            write_json_atomic(tmp / META, record)
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again (resumed at an epoch's last batch)
                 old = self.root / f".old-{name}"
@@ -530,7 +511,7 @@ class Checkpointer:
             else:
                 tmp.rename(final)
             _fsync_dir(self.root)
-            _write_atomically(self.root / LATEST, name + "\n")
+            write_text_atomic(self.root / LATEST, name + "\n")
             self._prune(progress.best_step)
         _barrier()
         return final
@@ -591,16 +572,8 @@ def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=p
 
     checkpoint, out = Path(checkpoint), Path(out)
     meta = verify(checkpoint)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_load_safetensors(checkpoint / DENSE, prefix="weight/"), str(tmp / SAVED_DENSE))
     rows = meta["vocab"]["items"]
     cols = meta["config"]["model"]["hidden_size"]
-
-    with BlockWriter(tmp / SAVED_ITEMS, {"items": (np.float32, (rows, cols))}, {"source": checkpoint.name}) as out_file:
-        for start in range(0, rows, block_rows):
-            out_file.write("items", start, read_item_rows(checkpoint, start, min(rows, start + block_rows)).numpy())
     saved = {
         "config": meta["config"],
         "vocab": meta["vocab"],
@@ -608,10 +581,14 @@ def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=p
         "source_checkpoint": str(checkpoint),
         "best_valid_ndcg10": meta["progress"]["best_ndcg"],
     }
-    _write_atomically(tmp / SAVED_META, json.dumps(saved, indent=2, default=float))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        save_file(_load_safetensors(checkpoint / DENSE, prefix="weight/"), str(tmp / SAVED_DENSE))
+        with BlockWriter(
+            tmp / SAVED_ITEMS, {"items": (np.float32, (rows, cols))}, {"source": checkpoint.name}
+        ) as table:
+            for start in range(0, rows, block_rows):
+                table.write("items", start, read_item_rows(checkpoint, start, min(rows, start + block_rows)).numpy())
+        write_json_atomic(tmp / SAVED_META, saved)
     log(f"consolidated {checkpoint} (step {saved['step']}) into {out}: {rows:,} x {cols} item table")
     return out
 
