@@ -145,30 +145,7 @@ class SequenceDataset(IterableDataset):
     # -- reading ---------------------------------------------------------------------------
 
     def _samples(self, shard_index: int):
-        entry = self.manifest["shards"][shard_index]
-        path = self.directory / entry["name"]
-        read = 0
-        sample: dict = {}
-        try:
-            for name, data in iter_members(path):
-                key, _, ext = name.partition(".")
-                if sample and key != sample["__key__"]:
-                    read += 1
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[ext] = data
-        except FileNotFoundError:
-            raise DataError(f"shard {path} is missing") from None
-        except (OSError, ValueError) as e:
-            raise DataError(f"shard {path} is corrupt or truncated after {read} samples: {e}") from None
-        if sample:
-            read += 1
-            yield sample
-        if read != entry["samples"]:
-            raise DataError(
-                f"shard {path} holds {read} samples, the manifest says {entry['samples']}: truncated or replaced"
-            )
+        yield from shard_samples(self.directory, self.manifest["shards"][shard_index])
 
     def _slot_samples(self, slot: SlotPlan):
         split = self.cfg.split
@@ -301,6 +278,34 @@ class SequenceDataset(IterableDataset):
             batch["seen_lengths"] = torch.zeros(1, dtype=torch.int64)
             batch["seen_items"] = torch.zeros(0, dtype=torch.int64)
         return batch
+
+
+def shard_samples(directory: Path, entry: dict):
+    """Raw samples ({"__key__": ..., "train.npy": bytes, ...}) of one shard listed in a manifest,
+    checked against the manifest's sample count."""
+    path = Path(directory) / entry["name"]
+    read = 0
+    sample: dict = {}
+    try:
+        for name, data in iter_members(path):
+            key, _, ext = name.partition(".")
+            if sample and key != sample["__key__"]:
+                read += 1
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = data
+    except FileNotFoundError:
+        raise DataError(f"shard {path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"shard {path} is corrupt or truncated after {read} samples: {e}") from None
+    if sample:
+        read += 1
+        yield sample
+    if read != entry["samples"]:
+        raise DataError(
+            f"shard {path} holds {read} samples, the manifest says {entry['samples']}: truncated or replaced"
+        )
 
 
 def _swap_pop(items: list, index: int):

@@ -218,6 +218,20 @@ def cmd_checkpoint_list(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.artifact is not None:
+        from serve.artifact import ArtifactError
+        from serve.offline import evaluate_artifact
+        from serve.recommender import Recommender
+
+        try:
+            rec = Recommender.load(args.artifact)
+            result = evaluate_artifact(rec, args.shards or rec.config["shards"], args.split)
+        except (ArtifactError, FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        print(f"{'metric':<10}{'artifact':>10}")
+        for key, value in result.items():
+            print(f"{key:<10}{value:>10.4f}" if key != "users" else f"{key:<10}{value:>10}")
+        return 0
     from train.evaluate import evaluate_saved, metrics_table
 
     try:
@@ -225,6 +239,55 @@ def cmd_eval(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     print(metrics_table(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from train.export import ExportError, export
+
+    try:
+        export(args.source, args.out, args.quant, args.shards, evaluate=not args.no_eval, overwrite=args.overwrite)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serve.artifact import ArtifactError
+    from serve.http import run
+
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    try:
+        run(args.artifact, args.host, args.port, args.workers, args.token_file, args.max_body, args.threads)
+    except (ArtifactError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_score(args) -> int:
+    from serve.artifact import ArtifactError
+    from serve.offline import ScoringError, score
+
+    columns = {"user": args.user_col, "item": args.item_col, "time": args.time_col, "action": args.action_col}
+    try:
+        summary = score(
+            args.artifact,
+            args.input,
+            args.out,
+            k=args.k,
+            workers=args.workers,
+            exclude_seen=not args.include_seen,
+            part_users=args.part_users,
+            batch_size=args.batch_size,
+            columns=columns,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (ArtifactError, ScoringError) as e:
+        raise UsageError(str(e)) from None
+    state = "complete" if summary["complete"] else "incomplete (other ranks still owe parts)"
+    print(f"scored {summary['users']:,} users in {summary['parts']} parts into {args.out}; output {state}")
     return 0
 
 
@@ -252,11 +315,51 @@ def _add_train(sub) -> None:
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.set_defaults(func=cmd_checkpoint_list)
 
-    p = sub.add_parser("eval", help="evaluate a saved model (RUN/best) on a split, in one process")
-    p.add_argument("--model", type=Path, required=True, help="a saved model directory, e.g. runs/demo/train/best")
+    p = sub.add_parser("eval", help="evaluate a saved model or a serving artifact on a split, in one process")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="a saved model directory, e.g. runs/demo/train/best")
+    which.add_argument("--artifact", type=Path, help="an exported artifact, evaluated through the serving code")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--shards", help="default: the shards the model was trained on")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("export", help="a checkpoint (or consolidated model) into a quantized serving artifact")
+    p.add_argument("source", type=Path, help="a checkpoint (RUN/checkpoints/step_N) or a consolidated model")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quant", choices=("int8", "int4", "fp16", "fp32"), default="int8")
+    p.add_argument("--shards", type=Path, help="for the item vocabulary; default: the shards it was trained on")
+    p.add_argument("--no-eval", action="store_true", help="skip measuring the artifact on the test split")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP recommendations from an artifact")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
+    p.add_argument("--token-file", type=Path, help="require 'Authorization: Bearer <token>' on /v1")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="offline top-K for every user of shards or event files, into Parquet")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--input", type=Path, nargs="+", required=True, help="a prepared shard directory or event files")
+    p.add_argument("--out", type=Path, required=True, help="a directory of part-NNNNN.parquet files")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each takes whole parts)")
+    p.add_argument("--part-users", type=int, default=100_000, help="users per part for event input")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--include-seen", action="store_true", help="also recommend items already in the history")
+    p.add_argument("--user-col", default="user")
+    p.add_argument("--item-col", default="item")
+    p.add_argument("--time-col", default="timestamp", help="seconds or a timestamp type; used when present")
+    p.add_argument("--action-col", default="action", help="used when present")
+    p.add_argument("--overwrite", action="store_true", help="discard parts of an earlier, different job")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_score)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -74,3 +74,38 @@ class BlockWriter:
             self.close()
         else:
             os.close(self._fd)
+
+
+_NUMPY = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+def map_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a copy-on-write memory map: nothing is read until
+    used, pages are shared between processes serving the same file, and the arrays are writable
+    (torch wants that) without ever writing to the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    start = 8 + length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _NUMPY.get(info.get("dtype"))
+        shape = tuple(info.get("shape", ()))
+        begin, end = info.get("data_offsets", (0, -1))
+        if dtype is None or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} has an unsupported dtype or lies outside the file")
+        if end == begin:
+            tensors[name] = np.zeros(shape, dtype=dtype)
+        else:
+            tensors[name] = np.memmap(path, dtype=dtype, mode="c", offset=start + begin, shape=shape)
+    return tensors

@@ -1,0 +1,365 @@
+"""Offline jobs on an artifact: evaluation on prepared shards (the serving path measured the way
+training measures), and batch scoring of many users into Parquet.
+
+These jobs read data/'s shard reader, imported inside the job only: the online path never loads
+it. Scoring splits its input into parts (a shard each, or a fixed number of users of an event
+file); worker processes and torchrun ranks take whole parts; every part is written to a temporary
+name and renamed, and a rerun skips the parts already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import schema
+from serve.recommender import Recommender
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+
+
+class ScoringError(ValueError):
+    pass
+
+
+def evaluate_artifact(
+    rec: Recommender, shards: str | Path, split: str = "test", batch_size: int | None = None, num_workers: int = 1
+) -> dict:
+    """HR@k and NDCG@k of the artifact over a split, full ranking, with the training evaluator's
+    settings stored in the artifact (cut-offs, seen-item filtering, batch size)."""
+    from data.loader import LoaderConfig, iterate_epoch, make_loader
+
+    settings = rec.config.get("evaluation", {})
+    ks = tuple(settings.get("ks", (1, 5, 10, 20)))
+    filter_seen = settings.get("filter_seen", True)
+    loader_cfg = LoaderConfig(
+        split=split,
+        batch_size=batch_size or settings.get("batch_size", 512),
+        max_len=rec.max_len,
+        num_workers=num_workers,
+        with_seen=filter_seen,
+    )
+    dataset, loader = make_loader(str(shards), loader_cfg, 0, 1)
+    cutoff = max(ks)
+    ranks = []
+    for batch in iterate_epoch(dataset, loader, epoch=0):
+        real = (batch["weights"] > 0).numpy()
+        hidden = rec.encode(batch["items"], batch["lengths"], batch.get("actions"), batch.get("gaps"))
+        targets = batch["target_items"].numpy()
+        exclude = None
+        if filter_seen:
+            seen = np.split(batch["seen_items"].numpy(), np.cumsum(batch["seen_lengths"].numpy())[:-1])
+            exclude = [s[s != t] for s, t in zip(seen, targets, strict=True)]  # the target stays a candidate
+        _, top = rec.top_k(hidden, cutoff, exclude)
+        hit = top.numpy() == targets[:, None]
+        ranks.append(np.where(hit.any(1), hit.argmax(1), cutoff)[real])
+    ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    result: dict = {}
+    for k in ks:
+        inside = ranks < k
+        result[f"HR@{k}"] = float(inside.mean()) if len(ranks) else float("nan")
+        result[f"NDCG@{k}"] = float(np.where(inside, 1.0 / np.log2(ranks + 2.0), 0.0).mean()) if len(ranks) else 0.0
+    result["users"] = int(len(ranks))
+    return result
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One unit of scoring work: a shard of prepared data, or a slice of users of an event file."""
+
+    number: int
+    shard: tuple[str, dict] | None = None  # (directory, manifest entry)
+    users: list | None = None  # raw user IDs, for event input
+    offsets: np.ndarray | None = None
+    items: np.ndarray | None = None
+    actions: np.ndarray | None = None
+    gaps: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.number:05d}.parquet"
+
+
+def _events_parts(
+    paths: list[Path], rec: Recommender, columns: dict, part_users: int
+) -> tuple[list[Part], dict, list[str]]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
+    for path in paths:
+        table = _read_events(path)
+        for role in ("user", "item"):
+            if columns[role] not in table.column_names:
+                raise ScoringError(f"{path}: no {role} column {columns[role]!r} (columns: {table.column_names})")
+        keep = {
+            role: columns[role] for role in ("user", "item", "time", "action") if columns[role] in table.column_names
+        }
+        tables.append(table.select(list(keep.values())).rename_columns(list(keep)))
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as e:
+        raise ScoringError(f"the input files do not share column types: {e}") from None
+    order = [("user", "ascending")] + ([("time", "ascending")] if "time" in table.column_names else [])
+    table = table.take(pc.sort_indices(table, sort_keys=order))
+    users = table["user"].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=np.int64)
+    offsets = np.r_[starts, len(users)]
+    items = rec.vocab.indices(table["item"].to_numpy(zero_copy_only=False))
+    actions = gaps = None
+    if "action" in table.column_names and rec.uses_actions:
+        values, inverse = np.unique(
+            table["action"].cast(pa.string()).to_numpy(zero_copy_only=False), return_inverse=True
+        )
+        actions = np.array([rec.action_index(v) for v in values], dtype=np.int64)[inverse]
+    if "time" in table.column_names and rec.uses_gaps:
+        time = table["time"]
+        if pa.types.is_timestamp(time.type):
+            time = time.cast(pa.timestamp("s")).cast(pa.int64())
+        ts = time.cast(pa.float64()).to_numpy()
+        gaps = schema.gap_buckets(np.diff(ts, prepend=0.0)).astype(np.int64)
+        gaps[starts] = schema.UNK
+    unknown = int((items < 0).sum())
+    parts = []
+    for number, first in enumerate(range(0, len(starts), part_users)):
+        last = min(len(starts), first + part_users)
+        lo, hi = offsets[first], offsets[last]
+        parts.append(
+            Part(
+                number,
+                users=users[starts[first:last]].tolist(),
+                offsets=offsets[first : last + 1] - lo,
+                items=items[lo:hi],
+                actions=actions[lo:hi] if actions is not None else None,
+                gaps=gaps[lo:hi] if gaps is not None else None,
+            )
+        )
+    return parts, {"events": int(len(items)), "unknown_item_events": unknown}, [str(p) for p in paths]
+
+
+def _read_events(path: Path):
+    import pyarrow as pa
+
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv", ".csv.gz", ".tsv.gz"):
+            import pyarrow.csv as pcsv
+
+            delimiter = "\t" if suffix.startswith(".tsv") else ","
+            return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter=delimiter))
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            import pyarrow.json as pjson
+
+            return pjson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ScoringError(f"{path}: cannot be read: {e}") from None
+    raise ScoringError(f"{path}: unknown event file type {suffix!r} (expected .parquet, .csv, .tsv or .jsonl)")
+
+
+def _shard_parts(directory: Path) -> tuple[list[Part], dict, str]:
+    from data.shards import load_manifest
+
+    manifest = load_manifest(directory)
+    parts = [Part(n, shard=(str(directory), entry)) for n, entry in enumerate(manifest["shards"])]
+    digest = hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
+    return parts, {"shards": len(parts)}, digest
+
+
+# One recommender per worker process, loaded by the pool's initializer.
+_worker_rec: Recommender | None = None
+
+
+def _init_worker(artifact: str, threads: int) -> None:
+    global _worker_rec
+    torch.set_num_threads(threads)
+    _worker_rec = Recommender.load(artifact, verify=False)
+
+
+def _histories(part: Part, rec: Recommender):
+    """(raw user IDs, [(items, actions, gaps)]) of a part, each history as table indices."""
+    if part.shard is None:
+        histories = []
+        for b in range(len(part.users)):
+            lo, hi = part.offsets[b], part.offsets[b + 1]
+            known = part.items[lo:hi] >= 0
+            histories.append(
+                tuple(None if x is None else x[lo:hi][known] for x in (part.items, part.actions, part.gaps))
+            )
+        return part.users, histories
+    import pyarrow.parquet as pq
+
+    from data.loader import shard_samples
+    from data.tar import load_npy
+
+    directory, entry = part.shard
+    user_ids = pq.read_table(Path(directory) / "users.parquet", columns=["index", "raw_id"])
+    raw_users = dict(zip(user_ids["index"].to_pylist(), user_ids["raw_id"].to_pylist(), strict=True))
+    users, histories = [], []
+    for sample in shard_samples(Path(directory), entry):
+        user, window = schema.parse_key(sample["__key__"])
+        if window:
+            continue  # older windows of a long history; the most recent one (w000) is the model's input
+        events = np.concatenate([load_npy(sample[f"{s}.npy"]) for s in schema.SEGMENTS])
+        if not len(events):
+            continue
+        users.append(raw_users.get(user, user))
+        names = events.dtype.names
+        histories.append(tuple(events[f].astype(np.int64) if f in names else None for f in ("item", "action", "gap")))
+    return users, histories
+
+
+def _score_part(task: tuple[Part, str, int, bool, int]) -> tuple[str, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part, out, k, exclude_seen, batch_size = task
+    rec = _worker_rec
+    users, histories = _histories(part, rec)
+    top_items, top_scores = [], []
+    for first in range(0, len(histories), batch_size):
+        batch = histories[first : first + batch_size]
+        model_rows = [b for b, h in enumerate(batch) if len(h[0])]
+        scores = torch.full((len(batch), k), -torch.inf)
+        items = torch.zeros((len(batch), k), dtype=torch.int64)
+        exclude = [np.unique(h[0]) if exclude_seen else np.zeros(0, dtype=np.int64) for h in batch]
+        if model_rows:
+            hidden = rec.encode(*_pad_indices([batch[b] for b in model_rows], rec.max_len))
+            s, i = rec.top_k(hidden, k, [exclude[b] for b in model_rows])
+            scores[model_rows], items[model_rows] = s, i
+        empty = [b for b in range(len(batch)) if b not in set(model_rows)]
+        if empty:
+            s, i = rec.top_k(None, k, [exclude[b] for b in empty])
+            scores[empty], items[empty] = s, i
+        for b in range(len(batch)):
+            found = torch.isfinite(scores[b])
+            top_items.append(rec.vocab.raw(items[b][found].numpy()))
+            top_scores.append(scores[b][found].numpy().astype(np.float32))
+    table = pa.table({"user": users, "items": top_items, "scores": pa.array(top_scores, type=pa.list_(pa.float32()))})
+    target = Path(out) / part.name
+    tmp = target.with_name(f".{part.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+    return part.name, len(users)
+
+
+def _pad_indices(histories: list[tuple], max_len: int) -> tuple:
+    lengths = torch.tensor([min(len(h[0]), max_len) for h in histories])
+    width = int(lengths.max())
+    tensors = []
+    for f in range(3):
+        if any(h[f] is None for h in histories):
+            tensors.append(None)
+            continue
+        padded = torch.zeros((len(histories), width), dtype=torch.int64)
+        for b, h in enumerate(histories):
+            tail = h[f][-max_len:]
+            padded[b, : len(tail)] = torch.from_numpy(tail)
+        tensors.append(padded)
+    return tensors[0], lengths, tensors[1], tensors[2]
+
+
+def score(
+    artifact: str | Path,
+    inputs: list[Path],
+    out: Path,
+    k: int = 100,
+    workers: int = 1,
+    exclude_seen: bool = True,
+    part_users: int = 100_000,
+    batch_size: int = 256,
+    columns: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Top-``k`` for every user of ``inputs`` (one prepared shard directory, or event files) into
+    the Parquet dataset directory ``out`` (user, items, scores), one file per part."""
+    from tqdm import tqdm
+
+    if not 1 <= k <= 10_000 or workers < 1 or part_users < 1 or batch_size < 1:
+        raise ScoringError("--k must be in [1, 10000]; --workers, part size and batch size must be >= 1")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rec = Recommender.load(artifact)
+    inputs = [Path(p) for p in inputs]
+    for path in inputs:
+        if not path.exists():
+            raise ScoringError(f"{path}: no such input")
+    if len(inputs) == 1 and (inputs[0] / "manifest.json").exists():
+        parts, counts, fingerprint = _shard_parts(inputs[0])
+    else:
+        if any(p.is_dir() for p in inputs):
+            raise ScoringError(f"{[str(p) for p in inputs if p.is_dir()]}: a directory without manifest.json")
+        columns = {"user": "user", "item": "item", "time": "timestamp", "action": "action", **(columns or {})}
+        parts, counts, _ = _events_parts(inputs, rec, columns, part_users)
+        fingerprint = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in inputs]
+    job = {
+        "artifact": rec.version,
+        "input": fingerprint,
+        "k": k,
+        "exclude_seen": exclude_seen,
+        "part_users": part_users,
+        "parts": len(parts),
+    }
+    _claim(out, job, overwrite and rank == 0)
+    mine = [p for p in parts if p.number % world == rank]
+    todo = [p for p in mine if not (out / p.name).exists()]
+    if len(todo) < len(mine):
+        log(f"{len(mine) - len(todo)} of {len(mine)} parts already scored in {out}; skipping them")
+    tasks = [(p, str(out), k, exclude_seen, batch_size) for p in todo]
+    users = 0
+    bar = tqdm(total=len(tasks), unit="part", disable=not progress, desc="scoring")
+    if workers == 1:
+        global _worker_rec
+        _worker_rec = rec
+        for task in tasks:
+            users += _score_part(task)[1]
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=(str(artifact), threads)) as pool:
+            for _, n in pool.imap_unordered(_score_part, tasks):
+                users += n
+                bar.update()
+    bar.close()
+    done = all((out / p.name).exists() for p in parts)
+    if done:
+        (out / SUCCESS_FILE).write_text(json.dumps({**job, **counts}) + "\n")
+    return {"parts": len(tasks), "users": users, "complete": done, **counts}
+
+
+def _claim(out: Path, job: dict, overwrite: bool) -> None:
+    """Creates ``out`` for this job, or checks that the parts already there come from the same job."""
+    import shutil
+
+    path = out / JOB_FILE
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != json.loads(json.dumps(job)):
+            changed = sorted(key for key in job if previous.get(key) != json.loads(json.dumps(job[key])))
+            raise ScoringError(
+                f"{out}: holds parts of another scoring job (different {', '.join(changed)}); "
+                "pass --overwrite or choose another --out"
+            )
+        return
+    tmp = path.with_name(f".{JOB_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(job, indent=2) + "\n")
+    os.replace(tmp, path)

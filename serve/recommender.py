@@ -1,0 +1,387 @@
+"""Recommendations from an exported artifact: raw item IDs in, top-K raw item IDs out.
+
+The item table stays as stored (int8, int4, fp16 or fp32) and memory-mapped. Ranking walks it in
+row blocks: a quantized block is converted to float codes, multiplied with the queries, and the
+row-wise scale and offset are applied to the (queries x block) scores afterwards, so the whole
+table is never dequantized. fp32 and fp16 blocks are scored by the model's own ``scores``, which
+makes an fp32 artifact rank exactly like the training evaluator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import schema
+from model.config import ModelConfig
+from model.modeling import SequenceRecommender
+from serve import artifact
+from serve.artifact import OFFSET, SCALE
+
+BLOCK_ROWS = 1 << 16
+ENCODE_BATCH = 256
+
+
+@dataclass
+class Recommendation:
+    items: list  # raw item IDs, best first
+    scores: list[float]
+    unknown_items: list = field(default_factory=list)  # history IDs the artifact does not know (dropped)
+    truncated: bool = False  # the history was longer than the model's window; its oldest events were dropped
+    fallback: str | None = None  # "popularity" when no known history was left
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ItemTable:
+    """The stored item table: dequantized rows for model inputs, block-wise scores for ranking."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], quant: str, dim: int, normalize: bool, block_rows: int):
+        self.quant, self.dim, self.normalize, self.block_rows = quant, dim, normalize, block_rows
+        self.codes = torch.from_numpy(tensors["items"])
+        self.rows = self.codes.shape[0]
+        self.scale = torch.from_numpy(tensors["items" + SCALE]) if quant in ("int8", "int4") else None
+        self.offset = torch.from_numpy(tensors["items" + OFFSET]) if quant in ("int8", "int4") else None
+        # Quantized scores need each row's norm; computed once from the stored rows, (V,) floats.
+        self.inv_norm = None
+        if normalize and self.scale is not None:
+            self.inv_norm = torch.empty(self.rows)
+            for start in range(0, self.rows, block_rows):
+                stop = min(self.rows, start + block_rows)
+                norm = self.dequantize(start, stop).norm(dim=1)
+                self.inv_norm[start:stop] = 1.0 / norm.clamp(min=1e-12)
+
+    def _levels(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float code values: int8 as is, int4 unpacked (low nibble first)."""
+        if self.quant == "int8":
+            return codes.float()
+        levels = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+        return levels[:, : self.dim].float()
+
+    def _bias(self, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        # int8 codes are stored shifted by -128 (serve.quant): value = (code + 128) * scale + offset.
+        return 128.0 * scale + offset if self.quant == "int8" else offset
+
+    def _rows(self, codes, scale, offset) -> torch.Tensor:
+        if self.scale is None:
+            return codes.float()
+        return self._levels(codes) * scale[:, None] + self._bias(scale, offset)[:, None]
+
+    def dequantize(self, start: int, stop: int) -> torch.Tensor:
+        scale = self.scale[start:stop] if self.scale is not None else None
+        offset = self.offset[start:stop] if self.offset is not None else None
+        return self._rows(self.codes[start:stop], scale, offset)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """fp32 rows of ``indices`` (any shape), shape (*indices.shape, D)."""
+        flat = indices.reshape(-1)
+        scale = self.scale[flat] if self.scale is not None else None
+        offset = self.offset[flat] if self.offset is not None else None
+        return self._rows(self.codes[flat], scale, offset).reshape(*indices.shape, self.dim)
+
+    def scores(self, model: SequenceRecommender, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self.scale is None:
+            return model.scores(hidden, self.codes[start:stop].float())
+        query = F.normalize(hidden, dim=-1) if self.normalize else hidden
+        scale, offset = self.scale[start:stop], self.offset[start:stop]
+        raw = (query @ self._levels(self.codes[start:stop]).T) * scale + query.sum(1, keepdim=True) * self._bias(
+            scale, offset
+        )
+        if self.normalize:
+            return raw * self.inv_norm[start:stop] / model.cfg.temperature
+        return raw
+
+
+class Vocabulary:
+    """Raw item ID <-> table index, popularity and titles, from the artifact's vocab.parquet."""
+
+    def __init__(self, table, rows: int):
+        raw = table["raw_id"].to_numpy(zero_copy_only=False)
+        index = np.array(table["index"].to_numpy())
+        self.integer = np.issubdtype(raw.dtype, np.integer)
+        if not self.integer:
+            raw = raw.astype(str)
+        order = np.argsort(raw, kind="stable")
+        self._sorted_raw, self._sorted_index = raw[order], index[order]
+        self.raw_by_index = np.zeros(rows, dtype=raw.dtype)
+        self.raw_by_index[index] = raw
+        self.popularity = torch.zeros(rows)
+        self.popularity[torch.from_numpy(index)] = torch.tensor(table["count"].to_numpy(), dtype=torch.float32)
+        self.popularity[: schema.FIRST_INDEX] = -torch.inf
+        self.titles = None
+        if "title" in table.column_names:
+            self.titles = np.empty(rows, dtype=object)
+            self.titles[index] = table["title"].to_numpy(zero_copy_only=False)
+
+    def _coerce(self, raw_id):
+        if self.integer:
+            if isinstance(raw_id, (int, np.integer)) and not isinstance(raw_id, bool):
+                return int(raw_id)
+            if isinstance(raw_id, str) and raw_id.strip().lstrip("-").isdigit():
+                return int(raw_id)
+            return None
+        return raw_id if isinstance(raw_id, str) else str(raw_id)
+
+    def indices(self, raw_ids) -> np.ndarray:
+        """Index of every raw ID (a list, or a numpy array for bulk lookups); -1 where unknown."""
+        if isinstance(raw_ids, np.ndarray) and raw_ids.dtype != object:
+            if self.integer and np.issubdtype(raw_ids.dtype, np.integer):
+                return self._lookup(raw_ids)
+            if not self.integer:
+                return self._lookup(raw_ids.astype(str))
+        coerced = [self._coerce(r) for r in raw_ids]
+        out = np.full(len(coerced), -1, dtype=np.int64)
+        known = [i for i, c in enumerate(coerced) if c is not None]
+        if known:
+            out[known] = self._lookup(np.array([coerced[i] for i in known], dtype=self._sorted_raw.dtype))
+        return out
+
+    def _lookup(self, values: np.ndarray) -> np.ndarray:
+        out = np.full(len(values), -1, dtype=np.int64)
+        if not len(self._sorted_raw) or not len(values):
+            return out
+        at = np.searchsorted(self._sorted_raw, values).clip(max=len(self._sorted_raw) - 1)
+        hit = self._sorted_raw[at] == values
+        out[hit] = self._sorted_index[at[hit]]
+        return out
+
+    def raw(self, indices: np.ndarray) -> list:
+        return self.raw_by_index[indices].tolist()
+
+    def title(self, raw_id) -> str | None:
+        index = self.indices([raw_id])[0]
+        return None if self.titles is None or index < 0 else self.titles[index]
+
+
+class Recommender:
+    def __init__(self, path: Path, manifest: dict, config: dict, dense: dict, items: dict, vocab, block_rows: int):
+        self.path, self.manifest, self.config = Path(path), manifest, config
+        vocab_sizes = config["vocab"]
+        self.model = SequenceRecommender(ModelConfig(**config["model"]), vocab_sizes["actions"], vocab_sizes["gaps"])
+        try:
+            self.model.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()})
+        except RuntimeError as e:
+            raise artifact.ArtifactError(f"{self.path / artifact.MODEL}: does not fit {artifact.CONFIG}: {e}") from None
+        self.model.eval()
+        self.quant = config["quant"]
+        self.items = ItemTable(items, self.quant, config["items"]["dim"], self.model.cfg.normalize, block_rows)
+        self.vocab = Vocabulary(vocab, self.items.rows)
+        self.max_len = self.model.cfg.max_len
+        self.uses_actions = self.model.action_embeddings is not None
+        self.uses_gaps = self.model.gap_embeddings is not None
+        self._actions = {str(value): index for value, index in config.get("actions", [])}
+        digest = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
+        self.version = digest[:12]
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS) -> Recommender:
+        """Checks format version and checksums (``verify``), memory-maps the item table."""
+        manifest, config, dense, items, vocab = artifact.read(Path(path), check=verify)
+        return cls(path, manifest, config, dense, items, vocab, block_rows)
+
+    def info(self) -> dict:
+        return {
+            "version": self.version,
+            "path": str(self.path),
+            "quant": self.quant,
+            "items": int(self.items.rows - schema.FIRST_INDEX),
+            "max_len": self.max_len,
+            "features": {"actions": self.uses_actions, "timestamps": self.uses_gaps},
+            "created": self.manifest.get("created"),
+            "source": self.manifest.get("source"),
+            "metrics": self.manifest.get("metrics"),
+        }
+
+    # -- index level: used by the raw-ID API, offline scoring and evaluation ------------------
+
+    @torch.inference_mode()
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor, actions=None, gaps=None) -> torch.Tensor:
+        """Hidden state after each right-padded history's last event, (B, D)."""
+        actions = actions if self.uses_actions else None
+        gaps = gaps if self.uses_gaps else None
+        hidden = self.model(self.items.lookup(items), lengths, actions, gaps)
+        return self.model.last_hidden(hidden, lengths).float()
+
+    @torch.inference_mode()
+    def top_k(
+        self,
+        hidden: torch.Tensor | None,
+        k: int,
+        exclude: list[np.ndarray] | None = None,
+        allow: list[np.ndarray | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, indices), each (B, k), best first; -inf scores mark missing results. ``hidden``
+        None ranks by popularity instead of the model. ``exclude[b]`` are never returned for row
+        b; ``allow[b]``, when given, restricts row b's candidates to those indices."""
+        n = len(exclude) if hidden is None else hidden.shape[0]
+        exclude = exclude or [np.zeros(0, dtype=np.int64)] * n
+        allow = allow or [None] * n
+        best_scores = torch.full((n, k), -torch.inf)
+        best_items = torch.zeros((n, k), dtype=torch.int64)
+        open_rows = [b for b in range(n) if allow[b] is None]
+        for b in range(n):
+            if allow[b] is not None:
+                best_scores[b], best_items[b] = self._top_k_allowed(hidden, b, k, exclude[b], allow[b])
+        if not open_rows:
+            return best_scores, best_items
+        rows = torch.tensor(open_rows)
+        mask_rows = torch.from_numpy(np.concatenate([np.full(len(exclude[b]), i) for i, b in enumerate(open_rows)]))
+        mask_items = torch.from_numpy(np.concatenate([exclude[b] for b in open_rows]).astype(np.int64))
+        scores_open, items_open = best_scores[rows], best_items[rows]
+        query = hidden[rows] if hidden is not None else None
+        for start in range(0, self.items.rows, self.items.block_rows):
+            stop = min(self.items.rows, start + self.items.block_rows)
+            if query is None:
+                block = self.vocab.popularity[start:stop].expand(len(open_rows), -1).clone()
+            else:
+                block = self.items.scores(self.model, query, start, stop)
+            if start < schema.FIRST_INDEX:
+                block[:, : schema.FIRST_INDEX - start] = -torch.inf
+            inside = (mask_items >= start) & (mask_items < stop)
+            block[mask_rows[inside], mask_items[inside] - start] = -torch.inf
+            top_scores, top_items = block.topk(min(k, stop - start), dim=1)
+            merged_scores = torch.cat([scores_open, top_scores], dim=1)
+            merged_items = torch.cat([items_open, top_items + start], dim=1)
+            scores_open, order = merged_scores.topk(k, dim=1)
+            items_open = merged_items.gather(1, order)
+        best_scores[rows], best_items[rows] = scores_open, items_open
+        return best_scores, best_items
+
+    def _top_k_allowed(self, hidden, b: int, k: int, exclude: np.ndarray, allow: np.ndarray):
+        candidates = np.setdiff1d(allow[allow >= schema.FIRST_INDEX], exclude)
+        scores = torch.full((k,), -torch.inf)
+        items = torch.zeros(k, dtype=torch.int64)
+        if not len(candidates):
+            return scores, items
+        candidates = torch.from_numpy(candidates)
+        if hidden is None:
+            values = self.vocab.popularity[candidates]
+        else:
+            values = self.model.scores(hidden[b : b + 1], self.items.lookup(candidates))[0]
+        top, order = values.topk(min(k, len(candidates)))
+        scores[: len(top)], items[: len(top)] = top, candidates[order]
+        return scores, items
+
+    # -- raw IDs ---------------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        histories: list[list],
+        k: int = 10,
+        exclude_seen: bool = True,
+        allow: list | None = None,
+        deny: list | None = None,
+        actions: list[list] | None = None,
+        timestamps: list[list] | None = None,
+    ) -> list[Recommendation]:
+        """Top-``k`` raw item IDs for each history (raw item IDs, oldest first). ``actions`` and
+        ``timestamps`` (seconds), when given, are per history and event. ``allow`` and ``deny`` are
+        lists of raw IDs applied to every history, or one list per history."""
+        n = len(histories)
+        allow_rows, deny_rows = _per_history(allow, n, "allow"), _per_history(deny, n, "deny")
+        prepared = [
+            self._prepare(
+                histories[b],
+                actions[b] if actions is not None else None,
+                timestamps[b] if timestamps is not None else None,
+            )
+            for b in range(n)
+        ]
+        exclude = []
+        for b, p in enumerate(prepared):
+            parts = [p["seen"]] if exclude_seen else []
+            if deny_rows[b] is not None:
+                parts.append(self.vocab.indices(deny_rows[b]))
+            exclude.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
+        allow_idx = [None if a is None else self.vocab.indices(a) for a in allow_rows]
+        scores = torch.full((n, k), -torch.inf)
+        items = torch.zeros((n, k), dtype=torch.int64)
+        model_rows = [b for b in range(n) if len(prepared[b]["items"])]
+        fallback_rows = [b for b in range(n) if not len(prepared[b]["items"])]
+        for chunk_start in range(0, len(model_rows), ENCODE_BATCH):
+            chunk = model_rows[chunk_start : chunk_start + ENCODE_BATCH]
+            hidden = self.encode(*_pad([prepared[b] for b in chunk]))
+            s, i = self.top_k(hidden, k, [exclude[b] for b in chunk], [allow_idx[b] for b in chunk])
+            scores[chunk], items[chunk] = s, i
+        if fallback_rows:
+            s, i = self.top_k(None, k, [exclude[b] for b in fallback_rows], [allow_idx[b] for b in fallback_rows])
+            scores[fallback_rows], items[fallback_rows] = s, i
+        results = []
+        for b, p in enumerate(prepared):
+            found = torch.isfinite(scores[b])
+            results.append(
+                Recommendation(
+                    items=self.vocab.raw(items[b][found].numpy()),
+                    scores=scores[b][found].tolist(),
+                    unknown_items=p["unknown"],
+                    truncated=p["truncated"],
+                    fallback=None if len(p["items"]) else "popularity",
+                )
+            )
+        return results
+
+    def action_index(self, value) -> int:
+        """Index of a raw action value (event type or rating); UNK when the artifact does not know it."""
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return self._actions.get(str(value), schema.UNK)
+
+    def _prepare(self, history: list, actions: list | None, timestamps: list | None) -> dict:
+        indices = self.vocab.indices(history)
+        for name, values in (("actions", actions), ("timestamps", timestamps)):
+            if values is not None and len(values) != len(history):
+                raise ValueError(f"{name} has {len(values)} entries for a history of {len(history)} items")
+        gaps = None
+        if self.uses_gaps and timestamps is not None:
+            gaps = schema.gap_buckets(np.diff(np.asarray(timestamps, dtype=np.float64), prepend=np.nan))
+            gaps[0] = schema.UNK  # the first event has no previous one
+        action_indices = None
+        if self.uses_actions and actions is not None:
+            action_indices = np.array([self.action_index(a) for a in actions], dtype=np.int64)
+        known = indices >= 0
+        unknown = [history[i] for i in np.flatnonzero(~known)]
+        keep = np.flatnonzero(known)
+        truncated = len(keep) > self.max_len
+        keep = keep[-self.max_len :]
+        return {
+            "items": indices[keep],
+            "actions": action_indices[keep] if action_indices is not None else None,
+            "gaps": gaps[keep].astype(np.int64) if gaps is not None else None,
+            "seen": indices[known],
+            "unknown": unknown,
+            "truncated": bool(truncated),
+        }
+
+
+def _per_history(values, n: int, name: str) -> list:
+    if values is None:
+        return [None] * n
+    if len(values) and all(isinstance(v, (list, tuple, np.ndarray)) or v is None for v in values):
+        if len(values) != n:
+            raise ValueError(f"{name}: {len(values)} lists for {n} histories")
+        return list(values)
+    return [values] * n
+
+
+def _pad(prepared: list[dict]) -> tuple:
+    """Right-padded (items, lengths, actions, gaps) tensors of a batch of prepared histories."""
+    lengths = torch.tensor([len(p["items"]) for p in prepared])
+    width = int(lengths.max())
+
+    def padded(key):
+        if all(p[key] is None for p in prepared):
+            return None
+        out = torch.zeros((len(prepared), width), dtype=torch.int64)
+        for b, p in enumerate(prepared):
+            if p[key] is not None:
+                out[b, : len(p[key])] = torch.from_numpy(np.asarray(p[key], dtype=np.int64))
+        return out
+
+    return padded("items"), lengths, padded("actions"), padded("gaps")
