@@ -24,7 +24,7 @@ from model.modeling import SequenceRecommender
 from serve import artifact
 from serve.artifact import OFFSET, SCALE
 
-BLOCK_ROWS = 1 << 16
+BLOCK_ROWS = 1 << 14  # rows scored at a time: a few MiB of float temporaries at common widths
 ENCODE_BATCH = 256
 
 
@@ -121,13 +121,13 @@ class Vocabulary:
             self.titles[index] = table["title"].to_numpy(zero_copy_only=False)
 
     def _coerce(self, raw_id):
-        if self.integer:
-            if isinstance(raw_id, (int, np.integer)) and not isinstance(raw_id, bool):
-                return int(raw_id)
-            if isinstance(raw_id, str) and raw_id.strip().lstrip("-").isdigit():
-                return int(raw_id)
-            return None
-        return raw_id if isinstance(raw_id, str) else str(raw_id)
+        if not self.integer:
+            return raw_id if isinstance(raw_id, str) else str(raw_id)
+        if isinstance(raw_id, str) and raw_id.strip().lstrip("-").isdigit():
+            raw_id = int(raw_id)
+        if isinstance(raw_id, (int, np.integer)) and not isinstance(raw_id, bool) and -(2**63) <= raw_id < 2**63:
+            return int(raw_id)
+        return None
 
     def indices(self, raw_ids) -> np.ndarray:
         """Index of every raw ID (a list, or a numpy array for bulk lookups); -1 where unknown."""
@@ -140,7 +140,8 @@ class Vocabulary:
         out = np.full(len(coerced), -1, dtype=np.int64)
         known = [i for i, c in enumerate(coerced) if c is not None]
         if known:
-            out[known] = self._lookup(np.array([coerced[i] for i in known], dtype=self._sorted_raw.dtype))
+            dtype = np.int64 if self.integer else self._sorted_raw.dtype
+            out[known] = self._lookup(np.array([coerced[i] for i in known], dtype=dtype))
         return out
 
     def _lookup(self, values: np.ndarray) -> np.ndarray:
@@ -183,8 +184,11 @@ class Recommender:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS) -> Recommender:
         """Checks format version and checksums (``verify``), memory-maps the item table."""
-        manifest, config, dense, items, vocab = artifact.read(Path(path), check=verify)
-        return cls(path, manifest, config, dense, items, vocab, block_rows)
+        import pyarrow
+
+        rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows=block_rows)
+        pyarrow.default_memory_pool().release_unused()  # the vocabulary's Parquet decode buffers
+        return rec
 
     def info(self) -> dict:
         return {

@@ -63,3 +63,28 @@ def ml1m_dir():
     if not (SHARED / "sasrec" / "ml-1m.txt").exists():
         pytest.skip(f"ML-1M benchmark data not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny model trained on 2 ranks, shared by the serving tests: (shards, run directory)."""
+    root = tmp_path_factory.mktemp("trained")
+    shards, run = root / "shards", root / "run"
+    run_cli(
+        "data", "prepare", "--source", "synthetic", "--users", 300, "--num-items", 120,
+        "--events-per-user", 15, "--out", shards, "--quiet",
+    )  # fmt: skip
+    torchrun_train(run, shards)
+    return shards, run
+
+
+@pytest.fixture(scope="session")
+def artifacts(trained_run, tmp_path_factory):
+    """The run's best model exported at every quantization: {quant: artifact directory}."""
+    shards, run = trained_run
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for quant in ("fp32", "int8", "int4", "fp16"):
+        out[quant] = root / quant
+        run_cli("export", run / "best", "--out", out[quant], "--quant", quant)
+    return out
