@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -312,6 +313,15 @@ def run(
     options = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 10}
     if workers == 1:
         app = create_app(artifact, token, max_body)
+
+        # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the
+        # handler that was there before it: make that one a clean exit instead of a kill.
+        def stopped(signum, frame):
+            print("lmrec serve: stopped", flush=True)
+            sys.exit(0)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stopped)
         print(f"lmrec serve: {artifact} (version {app.state.service.rec.version}) on http://{host}:{port}", flush=True)
         uvicorn.run(app, **options)
         return

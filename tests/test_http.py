@@ -1,0 +1,202 @@
+"""The HTTP server as users run it: `lmrec serve` in its own process on a free 127.0.0.1 port."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from serve.recommender import Recommender
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.multiprocess
+TOKEN = "s3cret-token"
+
+
+class Server:
+    def __init__(self, artifact, tmp_path, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / f"server-{self.port}.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "serve", str(artifact), "--port", str(self.port), *map(str, args)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise AssertionError(f"server did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def secured(artifacts, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("http")
+    served = tmp / "served"
+    shutil.copytree(artifacts["int8"], served)
+    (tmp / "token").write_text(TOKEN + "\n")
+    server = Server(served, tmp, "--token-file", tmp / "token", "--max-body", 20_000)
+    yield server, served
+    assert server.stop() == 0
+
+
+def _auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _history(artifact, n=6):
+    return pq.read_table(artifact / "vocab.parquet").sort_by("index")["raw_id"].to_pylist()[:n]
+
+
+def test_recommend_over_http_equals_the_python_api(secured, artifacts):
+    server, served = secured
+    history = _history(served)
+    answer = httpx.post(f"{server.url}/v1/recommend", json={"history": history, "k": 5}, headers=_auth()).json()
+    [expected] = Recommender.load(artifacts["int8"]).recommend([history], k=5)
+    assert answer["items"] == expected.items
+    assert answer["scores"] == pytest.approx(expected.scores, rel=1e-5)
+    assert len(answer["titles"]) == 5 and all(answer["titles"])
+    batch = httpx.post(
+        f"{server.url}/v1/recommend",
+        json={"users": [{"user": "a", "history": history}, {"user": "b", "history": [], "deny": [1]}], "k": 5},
+        headers=_auth(),
+    ).json()
+    assert [r["user"] for r in batch["results"]] == ["a", "b"]
+    assert batch["results"][0]["items"] == expected.items
+    assert batch["results"][1]["fallback"] == "popularity"
+    info = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()
+    assert info["quant"] == "int8" and info["version"] == answer["model_version"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b'{"history": [1, 2', 400, "malformed JSON"),
+        (b"[1, 2]", 422, "expected a JSON object"),
+        (b'{"history": "abc"}', 422, "history: Input should be a valid list"),
+        (b'{"history": [1.5]}', 422, "history.0"),
+        (b'{"history": [1], "k": 0}', 422, "k: Input should be greater than or equal to 1"),
+        (b'{"history": [1], "k": 1001}', 422, "k: Input should be less than or equal to 1000"),
+        (b'{"history": [1], "timestamps": [1, 2]}', 422, "timestamps has 2 entries for 1 history items"),
+        (b'{"history": [1], "users": [{"history": [2]}]}', 422, "either 'users' or one user's fields"),
+        (b'{"histroy": [1]}', 422, "histroy: Extra inputs are not permitted"),
+        (b'{"history": [' + b"1," * 20_000 + b"1]}", 413, "larger than the limit of 20000"),
+    ],
+)
+def test_bad_requests_get_clear_4xx_answers(secured, body, status, message):
+    server, _ = secured
+    answer = httpx.post(
+        f"{server.url}/v1/recommend", content=body, headers={**_auth(), "Content-Type": "application/json"}
+    )
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+
+
+def test_bearer_token_is_required_on_v1_only(secured):
+    server, served = secured
+    body = {"history": _history(served), "k": 3}
+    assert httpx.post(f"{server.url}/v1/recommend", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(f"{server.url}/v1/recommend", json=body, headers=wrong).status_code == 401
+    assert httpx.get(f"{server.url}/v1/model").status_code == 401
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_reload_keeps_the_old_model_when_the_new_one_is_corrupt(secured, artifacts, tmp_path):
+    server, served = secured
+    before = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"]
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(artifacts["fp32"], corrupt)
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    answer = httpx.post(f"{server.url}/v1/admin/reload", json={"path": str(corrupt)}, headers=_auth())
+    assert answer.status_code == 409 and "checksum mismatch" in answer.json()["error"]
+    assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
+    history = _history(served)
+    assert httpx.post(f"{server.url}/v1/recommend", json={"history": history}, headers=_auth()).status_code == 200
+    # SIGHUP reloads the served path: after damaging it in place, the old model stays.
+    (served / "vocab.parquet").write_bytes(b"garbage")
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for(server, "reload failed, still serving")
+    assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
+    # A good artifact replaces it.
+    answer = httpx.post(f"{server.url}/v1/admin/reload", json={"path": str(artifacts["fp32"])}, headers=_auth())
+    assert answer.status_code == 200, answer.text
+    info = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()
+    assert info["version"] != before and info["quant"] == "fp32"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lmrec_serve_reloads_total{result="failed"} 2.0' in metrics
+    assert f'lmrec_serve_model_info{{quant="fp32",version="{info["version"]}"}} 1.0' in metrics
+
+
+def _wait_for(server, text, seconds=30):
+    deadline = time.time() + seconds
+    while text not in server.output():
+        assert time.time() < deadline, server.output()
+        time.sleep(0.2)
+
+
+def test_metrics_count_requests_by_status_and_time_them(secured, artifacts):
+    server, _ = secured
+    httpx.post(f"{server.url}/v1/recommend", json={"history": _history(artifacts["int8"]), "k": 2}, headers=_auth())
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'lmrec_serve_requests_total{endpoint="/v1/recommend",status="200"}' in text
+    assert 'lmrec_serve_requests_total{endpoint="/v1/recommend",status="401"}' in text
+    assert 'lmrec_serve_request_seconds_bucket{endpoint="/v1/recommend",le="0.005"}' in text
+    assert "lmrec_serve_batch_users_count" in text
+
+
+def test_several_workers_serve_and_shut_down_gracefully(artifacts, tmp_path):
+    server = Server(artifacts["int8"], tmp_path, "--workers", 2)
+    try:
+        history = _history(artifacts["int8"])
+        for _ in range(6):
+            assert httpx.post(f"{server.url}/v1/recommend", json={"history": history}).status_code == 200
+        text = httpx.get(f"{server.url}/metrics").text
+        counted = [line for line in text.splitlines() if line.startswith("lmrec_serve_requests_total{")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in counted if "recommend" in line) >= 6
+        assert httpx.post(f"{server.url}/v1/admin/reload").status_code == 403
+    finally:
+        output = server.output()
+        started = time.time()
+        assert server.stop() == 0
+        assert time.time() - started < 20
+    assert "Traceback" not in output
+
+
+def test_serve_refuses_a_bad_token_file(artifacts, tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "serve", str(artifacts["int8"]), "--token-file", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 2 and "the file is empty" in done.stderr, done.stderr
