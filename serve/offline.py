@@ -171,10 +171,26 @@ def _read_events(path: Path):
     raise ScoringError(f"{path}: unknown event file type {suffix!r} (expected .parquet, .csv, .tsv or .jsonl)")
 
 
-def _shard_parts(directory: Path) -> tuple[list[Part], dict, str]:
+def _shard_parts(directory: Path, rec: Recommender) -> tuple[list[Part], dict, str]:
+    import pyarrow.parquet as pq
+
     from data.shards import load_manifest
 
     manifest = load_manifest(directory)
+    # Shards hold table indices, not raw IDs: they must come from the artifact's vocabulary.
+    items = pq.read_table(directory / "items.parquet", columns=["index", "raw_id"])
+    index, raw = items["index"].to_numpy(), items["raw_id"].to_numpy(zero_copy_only=False)
+    inside = index < rec.items.rows
+    differs = ~inside.copy()
+    differs[inside] = rec.vocab.raw_by_index[index[inside]] != (
+        raw[inside] if rec.vocab.integer else raw[inside].astype(str)
+    )
+    if differs.any():
+        at = int(np.flatnonzero(differs)[0])
+        raise ScoringError(
+            f"{directory}: prepared with another item vocabulary than the artifact (index {index[at]} is item "
+            f"{raw[at]!r} there); prepare the events with --vocab-from the training shards, or pass event files"
+        )
     parts = [Part(n, shard=(str(directory), entry)) for n, entry in enumerate(manifest["shards"])]
     digest = hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
     return parts, {"shards": len(parts)}, digest
@@ -300,7 +316,7 @@ def score(
         if not path.exists():
             raise ScoringError(f"{path}: no such input")
     if len(inputs) == 1 and (inputs[0] / "manifest.json").exists():
-        parts, counts, fingerprint = _shard_parts(inputs[0])
+        parts, counts, fingerprint = _shard_parts(inputs[0], rec)
     else:
         if any(p.is_dir() for p in inputs):
             raise ScoringError(f"{[str(p) for p in inputs if p.is_dir()]}: a directory without manifest.json")
