@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve.recommender import Recommender
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, free_port, run_cli
 
 pytestmark = pytest.mark.multiprocess
 
@@ -21,15 +21,20 @@ def _read(out):
     return pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("user")
 
 
-def test_scoring_shards_with_workers_covers_every_user_and_resumes(trained_run, artifacts, tmp_path):
+@pytest.fixture(scope="module")
+def resharded(trained_run, tmp_path_factory):
+    """The training events prepared again in 3 shards, against the training vocabulary."""
     shards, _ = trained_run
-    multi = tmp_path / "multi"
-    # Three parts: the same events prepared again in 3 shards, against the training vocabulary.
-    resharded = tmp_path / "shards3"
+    out = tmp_path_factory.mktemp("score") / "shards3"
     run_cli(
         "data", "prepare", "--source", "synthetic", "--users", 300, "--num-items", 120, "--events-per-user", 15,
-        "--out", resharded, "--samples-per-shard", 100, "--vocab-from", shards, "--quiet",
+        "--out", out, "--samples-per-shard", 100, "--vocab-from", shards, "--quiet",
     )  # fmt: skip
+    return out
+
+
+def test_scoring_shards_with_workers_covers_every_user_and_resumes(resharded, artifacts, tmp_path):
+    multi = tmp_path / "multi"
     done = run_cli("score", "--artifact", artifacts["int8"], "--input", resharded, "--out", multi, "--k", 7,
                    "--workers", 2, "--quiet")  # fmt: skip
     assert "scored 300 users in 3 parts" in done.stdout
@@ -58,6 +63,20 @@ def test_scoring_shards_with_workers_covers_every_user_and_resumes(trained_run, 
     )  # fmt: skip
     done = run_cli("score", "--artifact", artifacts["int8"], "--input", reseeded, "--out", tmp_path / "x", check=False)
     assert done.returncode == 2 and "prepared with another item vocabulary" in done.stderr
+
+
+def test_torchrun_ranks_take_whole_parts(resharded, artifacts, tmp_path):
+    out = tmp_path / "ranks"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "launch.cli", "score", "--artifact", str(artifacts["int8"]), "--input", str(resharded),
+         "--out", str(out), "--k", "4", "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert "scored 200 users in 2 parts" in done.stdout and "scored 100 users in 1 parts" in done.stdout
+    assert (out / "_SUCCESS").exists() and _read(out).num_rows == 300
 
 
 def test_scoring_event_files_equals_the_python_api(artifacts, tmp_path):
