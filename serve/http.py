@@ -33,6 +33,7 @@ from serve.recommender import Recommender
 MAX_K = 1000
 MAX_USERS = 1024
 MAX_BODY_BYTES = 1 << 20
+KNOWN_PATHS = {"/v1/recommend", "/v1/model", "/v1/admin/reload", "/healthz", "/readyz", "/metrics"}
 ItemID = StrictInt | StrictStr
 
 
@@ -268,9 +269,6 @@ def create_app(
     return app
 
 
-KNOWN_PATHS = {"/v1/recommend", "/v1/model", "/v1/admin/reload", "/healthz", "/readyz", "/metrics"}
-
-
 def read_token(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -285,6 +283,10 @@ def read_token(path: Path | None) -> str | None:
 
 def app_from_environment() -> FastAPI:
     """The app of one of several uvicorn worker processes (``--workers W``)."""
+    if "LMREC_SERVE_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["LMREC_SERVE_THREADS"]))
     token = os.environ.get("LMREC_SERVE_TOKEN_FILE")
     return create_app(
         os.environ["LMREC_SERVE_ARTIFACT"],
@@ -333,6 +335,7 @@ def run(
             "LMREC_SERVE_ARTIFACT": str(artifact),
             "LMREC_SERVE_MAX_BODY": str(max_body),
             **({"LMREC_SERVE_TOKEN_FILE": str(token_file)} if token_file else {}),
+            **({"LMREC_SERVE_THREADS": str(threads)} if threads else {}),
         }
     )
     print(f"lmrec serve: {artifact} on http://{host}:{port} with {workers} workers", flush=True)

@@ -91,9 +91,7 @@ class Part:
         return f"part-{self.number:05d}.parquet"
 
 
-def _events_parts(
-    paths: list[Path], rec: Recommender, columns: dict, part_users: int
-) -> tuple[list[Part], dict, list[str]]:
+def _events_parts(paths: list[Path], rec: Recommender, columns: dict, part_users: int) -> tuple[list[Part], dict]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -145,7 +143,7 @@ def _events_parts(
                 gaps=gaps[lo:hi] if gaps is not None else None,
             )
         )
-    return parts, {"events": int(len(items)), "unknown_item_events": unknown}, [str(p) for p in paths]
+    return parts, {"events": int(len(items)), "unknown_item_events": unknown}
 
 
 def _read_events(path: Path):
@@ -321,7 +319,7 @@ def score(
         if any(p.is_dir() for p in inputs):
             raise ScoringError(f"{[str(p) for p in inputs if p.is_dir()]}: a directory without manifest.json")
         columns = {"user": "user", "item": "item", "time": "timestamp", "action": "action", **(columns or {})}
-        parts, counts, _ = _events_parts(inputs, rec, columns, part_users)
+        parts, counts = _events_parts(inputs, rec, columns, part_users)
         fingerprint = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in inputs]
     job = {
         "artifact": rec.version,
