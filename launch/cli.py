@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -362,6 +363,173 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_score)
 
 
+def _run_launcher(command: list[str], endpoint: str | None = None) -> int:
+    """Runs a launcher, passing SIGTERM/SIGINT on (preemption reaches the ranks) and turning a
+    rendezvous timeout into one line that names the endpoint."""
+    import signal
+    import subprocess
+    import threading
+
+    print(f"lmrec launch: {shlex.join(command)}", flush=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    timed_out = threading.Event()
+
+    def relay():
+        for line in process.stderr:
+            sys.stderr.write(line)
+            if "RendezvousTimeoutError" in line:
+                timed_out.set()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: process.send_signal(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    reader.join(timeout=5)
+    if code != 0 and timed_out.is_set():
+        raise UsageError(
+            f"the rendezvous at {endpoint} did not complete: not every node joined in time "
+            "(check --nnodes, --master and that every node was started)"
+        )
+    return code
+
+
+def cmd_launch_local(args) -> int:
+    from launch.cluster import LaunchError, torchrun_command
+
+    try:
+        command = torchrun_command(
+            args.nproc, args.train_args, args.nnodes, args.node_rank, args.master, args.max_restarts, args.rdzv_timeout
+        )
+    except LaunchError as e:
+        raise UsageError(str(e)) from None
+    return _run_launcher(command, args.master)
+
+
+def cmd_launch_deepspeed(args) -> int:
+    from launch.cluster import LaunchError, check_gpus, deepspeed_command
+
+    try:
+        check_gpus(args.num_gpus or 0, "--num-gpus") if args.gpus else None
+        command = deepspeed_command(args.hostfile, args.train_args, args.num_gpus, args.node_rank, args.master)
+    except LaunchError as e:
+        raise UsageError(str(e)) from None
+    return _run_launcher(command, args.master)
+
+
+def cmd_launch_slurm(args) -> int:
+    import subprocess
+
+    from launch.cluster import LaunchError, SlurmJob
+
+    try:
+        job = SlurmJob(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            cpus_per_task=args.cpus_per_task,
+            partition=args.partition,
+            time=args.time,
+            account=args.account,
+            job_name=args.job_name,
+            output_root=args.output_root,
+            port=args.port,
+            preempt_notice_s=args.preempt_notice,
+        )
+    except LaunchError as e:
+        raise UsageError(str(e)) from None
+    script = job.render(args.train_args)
+    if not args.submit:
+        print(script, end="")
+        return 0
+    command = ["sbatch", "--parsable"] + (["--wait"] if args.wait else [])
+    try:
+        done = subprocess.run(command, input=script, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UsageError("sbatch not found: --submit needs a SLURM client on this machine (or use --dry-run)") from None
+    job_id = done.stdout.strip().split(";")[0]
+    if job_id:
+        print(f"submitted batch job {job_id}", flush=True)
+    if done.returncode != 0:
+        message = done.stderr.strip() or f"exit status {done.returncode}"
+        raise UsageError(f"sbatch {'reports' if job_id else 'rejected the script'}: {message}")
+    return 0
+
+
+def cmd_launch_k8s(args) -> int:
+    import yaml
+
+    from launch.cluster import LaunchError, pytorchjob
+
+    try:
+        manifest = pytorchjob(
+            args.name, args.image, args.nodes, args.gpus_per_node, args.train_args, args.cpus, args.memory,
+            args.claim, args.mount, args.grace, args.namespace,
+        )  # fmt: skip
+    except LaunchError as e:
+        raise UsageError(str(e)) from None
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
+    return 0
+
+
+def _add_launch(sub) -> None:
+    launch = sub.add_parser("launch", help="start training: torchrun, deepspeed launcher, SLURM, Kubernetes")
+    kinds = launch.add_subparsers(dest="launch_cmd", required=True)
+    after = "training arguments follow `--`, e.g. -- --config configs/ml-1m.yaml --set schedule.epochs=3"
+
+    p = kinds.add_parser("local", help="torchrun on this node (one node, or one of several)", epilog=after)
+    p.add_argument("--nproc", type=int, required=True, help="processes on this node (GPUs, or CPU ranks)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master", help="HOST:PORT of the c10d rendezvous (required with --nnodes > 1)")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts (resume with --resume auto)")
+    p.add_argument("--rdzv-timeout", type=int, default=900, help="seconds to wait for every node to join")
+    p.set_defaults(func=cmd_launch_local)
+
+    p = kinds.add_parser("deepspeed", help="the deepspeed launcher over a hostfile", epilog=after)
+    p.add_argument("--hostfile", type=Path, required=True, help="lines of 'HOSTNAME slots=N'")
+    p.add_argument("--num-gpus", type=int, help="processes per node (on CPU: CPU ranks)")
+    p.add_argument("--gpus", action="store_true", help="check that this node has --num-gpus GPUs")
+    p.add_argument("--node-rank", type=int, help="run this node's share only, without ssh (--no_ssh)")
+    p.add_argument("--master", help="HOST:PORT of rank 0")
+    p.set_defaults(func=cmd_launch_deepspeed)
+
+    p = kinds.add_parser("slurm", help="render (and submit) an sbatch script", epilog=after)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: one CPU process per node")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--time", help="e.g. 04:00:00")
+    p.add_argument("--account")
+    p.add_argument("--job-name", default="lmrec")
+    p.add_argument("--output-root", default="runs/slurm", help="each job writes OUTPUT_ROOT/NAME-JOBID")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument("--preempt-notice", type=int, default=120, help="SIGTERM this many seconds before the end")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script (the default)")
+    mode.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    p.add_argument("--wait", action="store_true", help="with --submit: return when the job ends (sbatch --wait)")
+    p.set_defaults(func=cmd_launch_slurm)
+
+    p = kinds.add_parser("k8s", help="print a Kubeflow PyTorchJob manifest", epilog=after)
+    p.add_argument("--name", default="lmrec")
+    p.add_argument("--image", required=True, help="built from this repository's Dockerfile")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--cpus", help="CPU limit per pod, e.g. 8")
+    p.add_argument("--memory", help="memory limit per pod, e.g. 64Gi")
+    p.add_argument("--claim", default="lmrec-runs", help="PersistentVolumeClaim shared by all pods")
+    p.add_argument("--mount", default="/runs", help="where the claim is mounted; runs write below it")
+    p.add_argument("--grace", type=int, default=90, help="termination grace period, > checkpoint deadline")
+    p.add_argument("--namespace")
+    p.set_defaults(func=cmd_launch_k8s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmrec", description="generative recommenders as causal language models")
     # The deepspeed launcher appends --local_rank=N; the same value is in LOCAL_RANK, which is what we read.
@@ -370,11 +538,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_serve(sub)
+    _add_launch(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args: list[str] = []
+    if argv[:1] == ["launch"] and "--" in argv:
+        at = argv.index("--")
+        argv, train_args = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    args.train_args = train_args
     from data.errors import DataError
 
     try:

@@ -108,7 +108,8 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    metrics_port: int = 0  # Prometheus exporter on 127.0.0.1:(port + global rank); 0 = off
+    metrics_port: int = 0  # Prometheus exporter on metrics_host:(port + global rank); 0 = off
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 so that a cluster's Prometheus can reach every node
     tensorboard: bool = False  # rank 0 writes scalars to DIR/tensorboard
 
 

@@ -114,6 +114,9 @@ def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # One line per rank: where each rank runs is the first question about any multi-node job.
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"lmrec: rank {rank}/{world} (local {local_rank}/{local_world}) on node {node}, {backend}", flush=True)
     return ComputeEnv(rank, world, local_rank, local_world, device, backend)
 
 

@@ -10,7 +10,7 @@ _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class TrainingTelemetry:
-    def __init__(self, base_port: int, rank: int, tensorboard_dir: str | None = None):
+    def __init__(self, base_port: int, rank: int, tensorboard_dir: str | None = None, host: str = "127.0.0.1"):
         self.registry = CollectorRegistry()
         labels = {"rank": str(rank)}
         r = self.registry
@@ -43,7 +43,7 @@ class TrainingTelemetry:
         self.rank = str(rank)
         self.port = base_port + rank if base_port else 0
         if self.port:
-            start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+            start_http_server(self.port, addr=host, registry=self.registry)
         self.board = None
         if tensorboard_dir and rank == 0:
             from torch.utils.tensorboard import SummaryWriter

@@ -151,7 +151,7 @@ class Trainer:
         self.preemption = Preemption(cfg.checkpoint.preemption_deadline_s)
         self.timer = PhaseTimer(cfg.schedule.time_phases, env.device)
         board = str(self.out / "tensorboard") if cfg.output.tensorboard else None
-        self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank, board)
+        self.telemetry = TrainingTelemetry(cfg.output.metrics_port, env.rank, board, cfg.output.metrics_host)
 
     def check_parameter_ownership(self) -> None:
         dense = list(self.engine.parameters()) + [p for g in self.engine.optimizer.param_groups for p in g["params"]]
