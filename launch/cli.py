@@ -401,9 +401,11 @@ def _run_launcher(command: list[str], endpoint: str | None = None) -> int:
 
 
 def cmd_launch_local(args) -> int:
-    from launch.cluster import LaunchError, torchrun_command
+    from launch.cluster import LaunchError, check_gpus, torchrun_command
 
     try:
+        if args.gpus:
+            check_gpus(args.nproc, "--gpus")
         command = torchrun_command(
             args.nproc, args.train_args, args.nnodes, args.node_rank, args.master, args.max_restarts, args.rdzv_timeout
         )
@@ -416,7 +418,8 @@ def cmd_launch_deepspeed(args) -> int:
     from launch.cluster import LaunchError, check_gpus, deepspeed_command
 
     try:
-        check_gpus(args.num_gpus or 0, "--num-gpus") if args.gpus else None
+        if args.gpus:
+            check_gpus(args.num_gpus or 0, "--num-gpus")
         command = deepspeed_command(args.hostfile, args.train_args, args.num_gpus, args.node_rank, args.master)
     except LaunchError as e:
         raise UsageError(str(e)) from None
@@ -489,6 +492,7 @@ def _add_launch(sub) -> None:
     p.add_argument("--master", help="HOST:PORT of the c10d rendezvous (required with --nnodes > 1)")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts (resume with --resume auto)")
     p.add_argument("--rdzv-timeout", type=int, default=900, help="seconds to wait for every node to join")
+    p.add_argument("--gpus", action="store_true", help="one GPU per process: check that this node has them")
     p.set_defaults(func=cmd_launch_local)
 
     p = kinds.add_parser("deepspeed", help="the deepspeed launcher over a hostfile", epilog=after)

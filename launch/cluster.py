@@ -90,6 +90,8 @@ def deepspeed_command(
             raise LaunchError("--num-gpus must be >= 1")
         command.append(f"--num_gpus={num_gpus}")
     if node_rank is not None:
+        if master is None:
+            raise LaunchError("--node-rank needs --master HOST:PORT (without ssh, rank 0's address is not looked up)")
         # Without ssh every node runs the launcher itself and says which host of the file it is.
         if not 0 <= node_rank < len(hosts):
             raise LaunchError(f"--node-rank {node_rank} is outside the {len(hosts)} hosts of {hostfile}")

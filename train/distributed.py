@@ -44,7 +44,8 @@ def _free_port() -> int:
 def _launcher_env() -> dict[str, str]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return {}
+        # The deepspeed launcher says LOCAL_SIZE where torchrun says LOCAL_WORLD_SIZE.
+        return {"LOCAL_WORLD_SIZE": env["LOCAL_SIZE"]} if "LOCAL_SIZE" in env and "LOCAL_WORLD_SIZE" not in env else {}
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
         return {
             "RANK": env["SLURM_PROCID"],
