@@ -450,6 +450,7 @@ def cmd_launch_slurm(args) -> int:
     if not args.submit:
         print(script, end="")
         return 0
+    Path(args.output_root).mkdir(parents=True, exist_ok=True)  # slurm does not create its log's directory
     command = ["sbatch", "--parsable"] + (["--wait"] if args.wait else [])
     try:
         done = subprocess.run(command, input=script, capture_output=True, text=True)

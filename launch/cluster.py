@@ -147,7 +147,7 @@ class SlurmJob:
             f"--job-name={self.job_name}",
             f"--nodes={self.nodes}",
             "--ntasks-per-node=1",
-            f"--output={self.output_root}/%x-%j/slurm.out",
+            f"--output={self.output_root}/%x-%j.out",  # slurm opens it before the script runs
             "--open-mode=append",  # a requeued run appends to the same log
             f"--signal=TERM@{self.preempt_notice_s}",
             "--requeue",
@@ -178,7 +178,7 @@ class SlurmJob:
             f"cd {shlex.quote(self.workdir)}",
             f"mkdir -p {run_dir}",
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            'head_addr=$(scontrol show node "$head_node" -o | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
+            'export head_addr=$(scontrol show node "$head_node" -o | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
             'echo "lmrec: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, '
             'rendezvous $head_addr"',
             # srun forwards the preemption SIGTERM to each task; exec makes torchrun that task.

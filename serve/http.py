@@ -94,6 +94,8 @@ class ServeMetrics:
             multiprocess_mode="max",
         )
         self.reloads = Counter("lmrec_serve_reloads", "Artifact reloads by result", ["result"], registry=registry)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result=result)  # exported as 0 from the start, so rates and alerts work
 
     def serving(self, rec: Recommender) -> None:
         self.model.clear()

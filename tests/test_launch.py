@@ -91,7 +91,7 @@ def test_slurm_script_is_one_task_per_node_with_requeue_and_valid_bash(tmp_path)
     for directive in (
         "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=32", "--partition=gpu",
         "--time=04:00:00", "--account=recsys", "--requeue", "--signal=TERM@120",
-        "--output=runs/slurm/%x-%j/slurm.out",
+        "--output=runs/slurm/%x-%j.out",
     ):  # fmt: skip
         assert f"#SBATCH {directive}\n" in script, directive
     assert "--nnodes=$SLURM_NNODES --nproc_per_node=8" in script
