@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/train_ml1m.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/serve.py
 
 lint: install
 	$(VENV)/bin/ruff check .

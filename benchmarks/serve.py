@@ -356,46 +356,64 @@ def _synthetic_artifacts(run: Path, paths: dict[str, Path], rows: int, dim: int)
     return time.perf_counter() - started
 
 
-def section_topk(args, work: Path) -> dict:
+def _time_top_k(rec, rows: int, dim: int, repeats: int) -> dict:
     import statistics
 
+    import torch
+
+    out = {}
+    generator = torch.Generator().manual_seed(0)
+    for batch, n in ((1, repeats), (32, max(2, repeats - 2))):
+        hidden = torch.randn(batch, dim, generator=generator)
+        rec.top_k(hidden, 10)  # warm-up: pages in the memory-mapped table
+        seconds = []
+        for _ in range(n):
+            started = time.perf_counter()
+            rec.top_k(hidden, 10)
+            seconds.append(time.perf_counter() - started)
+        median = statistics.median(seconds)
+        out[f"batch{batch}"] = {
+            "repeats": n,
+            "median_ms_per_call": round(median * 1e3, 1),
+            "ms_per_query": round(median * 1e3 / batch, 2),
+            "items_per_s": round(rows * batch / median),
+        }
+    return out
+
+
+def section_topk(args, work: Path) -> dict:
+    """The first of --topk-threads is the headline figure (batch1, batch32); the others go under
+    threads_N: on a machine shared with other work, 2 OpenMP threads on 2 cores can be far slower
+    than 1 (every parallel region waits for a descheduled thread)."""
     import torch
 
     from serve.recommender import Recommender
 
     rows, dim = args.topk_rows, 64
+    threads = [int(t) for t in str(args.topk_threads).split(",")]
     need = rows * (dim * 4 + dim + 8) * 1.2 + 2e9
     free = shutil.disk_usage(work).free
     if free < need:
         return {"skipped": f"needs ~{need / 1e9:.0f} GB free in --work, {free / 1e9:.0f} GB there"}
     paths = {"int8": work / "topk_int8", "fp32": work / "topk_fp32"}
-    result: dict = {"rows": rows, "dim": dim, "threads": args.topk_threads, "k": 10}
+    result: dict = {"rows": rows, "dim": dim, "threads": threads[0], "k": 10}
     try:
         result["write_seconds"] = round(_synthetic_artifacts(args.run, paths, rows, dim), 1)
-        torch.set_num_threads(args.topk_threads)
         for quant, path in paths.items():
+            torch.set_num_threads(threads[0])
             started = time.perf_counter()
             rec = Recommender.load(path, verify=False)
             entry = {
                 "load_seconds": round(time.perf_counter() - started, 2),
                 "items_bytes": (path / "items.safetensors").stat().st_size,
             }
-            generator = torch.Generator().manual_seed(0)
-            for batch, repeats in ((1, args.topk_repeats), (32, max(2, args.topk_repeats - 2))):
-                hidden = torch.randn(batch, dim, generator=generator)
-                rec.top_k(hidden, 10)  # warm-up: pages in the memory-mapped table
-                seconds = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    rec.top_k(hidden, 10)
-                    seconds.append(time.perf_counter() - started)
-                median = statistics.median(seconds)
-                entry[f"batch{batch}"] = {
-                    "repeats": repeats,
-                    "median_ms_per_call": round(median * 1e3, 1),
-                    "ms_per_query": round(median * 1e3 / batch, 2),
-                    "items_per_s": round(rows * batch / median),
-                }
+            for i, n in enumerate(threads):
+                torch.set_num_threads(n)
+                timed = _time_top_k(rec, rows, dim, args.topk_repeats)
+                if i == 0:
+                    entry |= timed
+                else:
+                    entry[f"threads_{n}"] = timed
             result[quant] = entry
             print(f"  {quant}: {entry}", flush=True)
             del rec
@@ -509,14 +527,17 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _measured_run(cmd: list, timeout: float) -> dict:
+def _measured_run(cmd: list, timeout: float, phase=lambda: "", hide: str = "") -> dict:
     """Runs ``cmd`` (under /usr/bin/time -v when there is one), polling the python process's
-    /proc status for peak resident memory split into anonymous and file-backed pages."""
+    /proc status for peak resident memory split into anonymous and file-backed pages, with a
+    timeline (every ~2 s: seconds, RssAnon MiB, RssFile MiB, ``phase()``). ``hide`` is replaced
+    by WORK in the output lines kept."""
     import psutil
 
     gnu_time = Path("/usr/bin/time")
     full = [str(gnu_time), "-v", *map(str, cmd)] if gnu_time.exists() else [str(c) for c in cmd]
     peaks: dict[str, int] = {}
+    timeline: list = []
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as output:
         proc = subprocess.Popen(full, cwd=ROOT, env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
@@ -529,8 +550,13 @@ def _measured_run(cmd: list, timeout: float) -> dict:
                 except psutil.Error:
                     pids = [proc.pid]
                 for pid in pids[1:] if len(pids) > 1 and gnu_time.exists() else pids:
-                    for key, value in _proc_status(pid).items():
+                    status = _proc_status(pid)
+                    for key, value in status.items():
                         peaks[key] = max(peaks.get(key, 0), value)
+                    now = time.perf_counter() - started
+                    if status and (not timeline or now - timeline[-1][0] >= 2.0):
+                        mib = [round(status.get(k, 0) / 2**20) for k in ("RssAnon", "RssFile")]
+                        timeline.append([round(now, 1), *mib, phase()])
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:
@@ -542,13 +568,15 @@ def _measured_run(cmd: list, timeout: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}\n{text[-3000:]}")
     result = {"wall_seconds": round(wall, 1), "polled_peak_bytes": peaks}
+    result["timeline_s_anon_mib_file_mib_phase"] = timeline
     for line in text.splitlines():
         if "Maximum resident set size (kbytes)" in line:
             result["peak_rss_bytes"] = int(line.rsplit(":", 1)[1]) * 1024
         elif "Elapsed (wall clock) time" in line:
             result["time_elapsed"] = line.rsplit(": ", 1)[1].strip()
     result.setdefault("peak_rss_bytes", peaks.get("VmHWM", 0))
-    result["log_tail"] = [line for line in text.splitlines() if line.startswith(("exported", "lmrec"))][-3:]
+    kept = [line for line in text.splitlines() if line.startswith(("exported", "lmrec"))][-3:]
+    result["log_tail"] = [line.replace(hide, "WORK") if hide else line for line in kept]
     return result
 
 
@@ -565,7 +593,20 @@ def section_export100m(args, work: Path) -> dict:
         result |= _synthetic_model(args.run, model_dir, shards_dir, rows, dim)
         print(f"  synthetic model written: {result}", flush=True)
         cmd = [*LMREC, "export", model_dir, "--out", out, "--quant", "int8", "--shards", shards_dir, "--no-eval"]
-        result["export"] = _measured_run(cmd, timeout=args.big_timeout)
+
+        def phase() -> str:
+            """What the export is doing, from the files in its staging directory."""
+            staged = next(iter(work.glob(".a100m.tmp-*")), None)
+            if staged is None:
+                return "start" if not out.exists() else "done"
+            names = {p.name for p in staged.iterdir()}
+            if "manifest.json" in names or "config.json" in names:
+                return "seal"
+            if "vocab.parquet" in names:
+                return "vocab"
+            return "items" if "items.safetensors" in names else "dense"
+
+        result["export"] = _measured_run(cmd, timeout=args.big_timeout, phase=phase, hide=str(work))
         manifest = json.loads((out / "manifest.json").read_text())
         result["artifact_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
         result["artifact_files"] = {name: f["bytes"] for name, f in manifest["files"].items()}
@@ -639,10 +680,13 @@ def _table(results: dict) -> list[tuple[str, str, str, str]]:
     if topk and "error" not in topk and "skipped" not in topk:
         for quant in ("int8", "fp32"):
             q = topk[quant]
-            add(
-                f"top-10 of {topk['rows'] / 1e6:.0f}M, {quant}",
-                f"{q['batch1']['ms_per_query']:.0f} ms/query (B=1), {q['batch32']['ms_per_query']:.1f} (B=32)",
-            )
+            for label, t in [(str(topk["threads"]), q)] + [
+                (key.split("_")[1], value) for key, value in q.items() if key.startswith("threads_")
+            ]:
+                add(
+                    f"top-10 of {topk['rows'] / 1e6:.0f}M, {quant}, {label} thr.",
+                    f"{t['batch1']['ms_per_query']:.0f} ms/query (B=1), {t['batch32']['ms_per_query']:.1f} (B=32)",
+                )
         add(
             "top-K item table bytes int8 / fp32",
             f"{topk['int8']['items_bytes'] / 1e9:.2f} / {topk['fp32']['items_bytes'] / 1e9:.2f} GB",
@@ -694,7 +738,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}; the JSON keeps the others")
     parser.add_argument("--topk-rows", type=int, default=10_000_000, help=argparse.SUPPRESS)
     parser.add_argument("--topk-repeats", type=int, default=5, help=argparse.SUPPRESS)
-    parser.add_argument("--topk-threads", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--topk-threads", default="2,1", help=argparse.SUPPRESS)
     parser.add_argument("--big-rows", type=int, default=100_000_000, help=argparse.SUPPRESS)
     parser.add_argument("--big-timeout", type=float, default=3600, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json", help=argparse.SUPPRESS)

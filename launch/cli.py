@@ -351,7 +351,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="a directory of part-NNNNN.parquet files")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each takes whole parts)")
-    p.add_argument("--part-users", type=int, default=100_000, help="users per part for event input")
+    p.add_argument(
+        "--part-users", type=int, default=100_000, help="users (samples) per part: the unit of work and of resumption"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--include-seen", action="store_true", help="also recommend items already in the history")
     p.add_argument("--user-col", default="user")

@@ -80,6 +80,7 @@ class Part:
 
     number: int
     shard: tuple[str, dict] | None = None  # (directory, manifest entry)
+    samples: tuple[int, int] = (0, 0)  # the shard's samples [first, last) that this part scores
     users: list | None = None  # raw user IDs, for event input
     offsets: np.ndarray | None = None
     items: np.ndarray | None = None
@@ -169,7 +170,7 @@ def _read_events(path: Path):
     raise ScoringError(f"{path}: unknown event file type {suffix!r} (expected .parquet, .csv, .tsv or .jsonl)")
 
 
-def _shard_parts(directory: Path, rec: Recommender) -> tuple[list[Part], dict, str]:
+def _shard_parts(directory: Path, rec: Recommender, part_users: int) -> tuple[list[Part], dict, str]:
     import pyarrow.parquet as pq
 
     from data.shards import load_manifest
@@ -189,9 +190,13 @@ def _shard_parts(directory: Path, rec: Recommender) -> tuple[list[Part], dict, s
             f"{directory}: prepared with another item vocabulary than the artifact (index {index[at]} is item "
             f"{raw[at]!r} there); prepare the events with --vocab-from the training shards, or pass event files"
         )
-    parts = [Part(n, shard=(str(directory), entry)) for n, entry in enumerate(manifest["shards"])]
+    parts = []
+    for entry in manifest["shards"]:
+        for first in range(0, max(entry["samples"], 1), part_users):
+            last = min(entry["samples"], first + part_users)
+            parts.append(Part(len(parts), shard=(str(directory), entry), samples=(first, last)))
     digest = hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
-    return parts, {"shards": len(parts)}, digest
+    return parts, {"shards": len(manifest["shards"])}, digest
 
 
 # One recommender per worker process, loaded by the pool's initializer.
@@ -224,7 +229,10 @@ def _histories(part: Part, rec: Recommender):
     user_ids = pq.read_table(Path(directory) / "users.parquet", columns=["index", "raw_id"])
     raw_users = dict(zip(user_ids["index"].to_pylist(), user_ids["raw_id"].to_pylist(), strict=True))
     users, histories = [], []
-    for sample in shard_samples(Path(directory), entry):
+    first, last = part.samples
+    for position, sample in enumerate(shard_samples(Path(directory), entry)):
+        if not first <= position < last:
+            continue
         user, window = schema.parse_key(sample["__key__"])
         if window:
             continue  # older windows of a long history; the most recent one (w000) is the model's input
@@ -244,9 +252,12 @@ def _score_part(task: tuple[Part, str, int, bool, int]) -> tuple[str, int]:
     part, out, k, exclude_seen, batch_size = task
     rec = _worker_rec
     users, histories = _histories(part, rec)
-    top_items, top_scores = [], []
-    for first in range(0, len(histories), batch_size):
-        batch = histories[first : first + batch_size]
+    top_items, top_scores = [None] * len(histories), [None] * len(histories)
+    # Batches of similar lengths: padding every batch to its longest history wastes less.
+    order = sorted(range(len(histories)), key=lambda b: min(len(histories[b][0]), rec.max_len))
+    for first in range(0, len(order), batch_size):
+        positions = order[first : first + batch_size]
+        batch = [histories[b] for b in positions]
         model_rows = [b for b, h in enumerate(batch) if len(h[0])]
         scores = torch.full((len(batch), k), -torch.inf)
         items = torch.zeros((len(batch), k), dtype=torch.int64)
@@ -259,10 +270,10 @@ def _score_part(task: tuple[Part, str, int, bool, int]) -> tuple[str, int]:
         if empty:
             s, i = rec.top_k(None, k, [exclude[b] for b in empty])
             scores[empty], items[empty] = s, i
-        for b in range(len(batch)):
+        for b, position in enumerate(positions):
             found = torch.isfinite(scores[b])
-            top_items.append(rec.vocab.raw(items[b][found].numpy()))
-            top_scores.append(scores[b][found].numpy().astype(np.float32))
+            top_items[position] = rec.vocab.raw(items[b][found].numpy())
+            top_scores[position] = scores[b][found].numpy().astype(np.float32)
     table = pa.table({"user": users, "items": top_items, "scores": pa.array(top_scores, type=pa.list_(pa.float32()))})
     target = Path(out) / part.name
     tmp = target.with_name(f".{part.name}.tmp-{os.getpid()}")
@@ -314,7 +325,7 @@ def score(
         if not path.exists():
             raise ScoringError(f"{path}: no such input")
     if len(inputs) == 1 and (inputs[0] / "manifest.json").exists():
-        parts, counts, fingerprint = _shard_parts(inputs[0], rec)
+        parts, counts, fingerprint = _shard_parts(inputs[0], rec, part_users)
     else:
         if any(p.is_dir() for p in inputs):
             raise ScoringError(f"{[str(p) for p in inputs if p.is_dir()]}: a directory without manifest.json")

@@ -79,11 +79,8 @@ class BlockWriter:
 _NUMPY = {code: dtype for dtype, code in _DTYPES.items()}
 
 
-def map_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a copy-on-write memory map: nothing is read until
-    used, pages are shared between processes serving the same file, and the arrays are writable
-    (torch wants that) without ever writing to the file."""
-    path = Path(path)
+def _layout(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, absolute byte offset), validated against the file's size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -95,7 +92,7 @@ def map_tensors(path: str | Path) -> dict[str, np.ndarray]:
         except ValueError as e:
             raise ValueError(f"{path}: not a safetensors file ({e})") from None
     start = 8 + length
-    tensors = {}
+    layout = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -104,8 +101,35 @@ def map_tensors(path: str | Path) -> dict[str, np.ndarray]:
         begin, end = info.get("data_offsets", (0, -1))
         if dtype is None or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + end > size:
             raise ValueError(f"{path}: tensor {name!r} has an unsupported dtype or lies outside the file")
-        if end == begin:
+        layout[name] = (dtype, shape, start + begin)
+    return layout
+
+
+def map_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a copy-on-write memory map: nothing is read until
+    used, pages are shared between processes serving the same file, and the arrays are writable
+    (torch wants that) without ever writing to the file."""
+    path = Path(path)
+    tensors = {}
+    for name, (dtype, shape, offset) in _layout(path).items():
+        if int(np.prod(shape, dtype=np.int64)) == 0:
             tensors[name] = np.zeros(shape, dtype=dtype)
         else:
-            tensors[name] = np.memmap(path, dtype=dtype, mode="c", offset=start + begin, shape=shape)
+            tensors[name] = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
     return tensors
+
+
+def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one tensor, read into fresh memory. Unlike slicing a memory map, the
+    file's pages do not stay in the process, so streaming a table larger than memory stays small."""
+    path = Path(path)
+    layout = _layout(path)
+    if name not in layout:
+        raise ValueError(f"{path}: no tensor {name!r}")
+    dtype, shape, offset = layout[name]
+    stop = min(stop, shape[0])
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(offset + start * row * dtype.itemsize)
+        block = np.fromfile(f, dtype=dtype, count=(stop - start) * row)
+    return block.reshape(stop - start, *shape[1:])

@@ -27,3 +27,18 @@ def test_missing_rows_and_misfit_blocks_are_errors(tmp_path):
         out.write("x", 0, np.zeros((3, 2)))
     with pytest.raises(ValueError, match="do not fit"), BlockWriter(tmp_path / "b", declared) as out:
         out.write("x", 3, np.zeros((2, 2)))
+
+
+def test_read_rows_and_map_tensors_return_what_was_written(tmp_path):
+    from serve.tensorfile import map_tensors, read_rows
+
+    table = np.arange(70, dtype=np.float32).reshape(10, 7)
+    codes = np.arange(30, dtype=np.int8).reshape(10, 3)
+    with BlockWriter(tmp_path / "t.safetensors", {"a": (np.float32, (10, 7)), "b": (np.int8, (10, 3))}) as w:
+        w.write("a", 0, table)
+        w.write("b", 0, codes)
+    np.testing.assert_array_equal(read_rows(tmp_path / "t.safetensors", "a", 3, 8), table[3:8])
+    np.testing.assert_array_equal(read_rows(tmp_path / "t.safetensors", "b", 8, 20), codes[8:])
+    mapped = map_tensors(tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(mapped["a"], table)
+    np.testing.assert_array_equal(mapped["b"], codes)

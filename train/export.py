@@ -51,14 +51,13 @@ def _source(path: Path):
     if (path / SAVED_ITEMS).exists() and (path / SAVED_META).exists():
         import json
 
-        from safetensors import safe_open
+        from serve.tensorfile import read_rows
 
         meta = json.loads((path / SAVED_META).read_text())
         dense = {k: v.float().numpy() for k, v in _load_safetensors(path / SAVED_DENSE).items()}
-        items = safe_open(str(path / SAVED_ITEMS), "np")
-        table = items.get_slice("items")
         source = {"model": str(path), "step": meta.get("step")}
-        return meta, dense, lambda a, b: np.asarray(table[a:b], dtype=np.float32), source, meta.get("best_valid_ndcg10")
+        rows = lambda a, b: read_rows(path / SAVED_ITEMS, "items", a, b).astype(np.float32)  # noqa: E731
+        return meta, dense, rows, source, meta.get("best_valid_ndcg10")
     raise ExportError(
         f"{path}: neither a training checkpoint (no {DENSE}) nor a consolidated model (no {SAVED_ITEMS} and "
         f"{SAVED_META}); pass a checkpoint directory such as RUN/checkpoints/step_000000120"
@@ -84,7 +83,14 @@ def _vocabulary(shards: Path, rows: int):
     actions = []
     if (shards / ACTIONS_FILE).exists():
         actions = [[str(r["value"]), int(r["index"])] for r in pq.read_table(shards / ACTIONS_FILE).to_pylist()]
-    return (lambda: items.iter_batches(columns=columns, batch_size=1 << 20)), actions
+    return (lambda: _row_groups(items, columns)), actions
+
+
+def _row_groups(items, columns: list[str]):
+    # Row group by row group: ParquetFile.iter_batches keeps its decode buffers until the file
+    # object goes away (about 10 MB per million rows), which a 10^8-item catalog cannot afford.
+    for group in range(items.num_row_groups):
+        yield from items.read_row_group(group, columns=columns).to_batches(max_chunksize=1 << 20)
 
 
 def export(
