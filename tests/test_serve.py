@@ -199,3 +199,12 @@ def test_an_int8_artifact_stays_int8_in_memory(tmp_path):
     fp32_table = rows * dim * 4
     print(f"RSS grew by {grown / 2**20:.0f} MiB; the fp32 table would take {fp32_table / 2**20:.0f} MiB")
     assert grown < fp32_table
+
+
+def test_lmrec_eval_of_an_artifact_prints_the_training_metrics(trained_run, artifacts):
+    _, run = trained_run
+    trained = json.loads((run / "metrics.json").read_text())["test"]["model"]
+    done = run_cli("eval", "--artifact", artifacts["fp32"])
+    printed = dict(line.split() for line in done.stdout.splitlines()[1:] if line.strip())
+    assert float(printed["NDCG@10"]) == pytest.approx(trained["NDCG@10"], abs=1e-4)
+    assert int(printed["users"]) == trained["users"]
