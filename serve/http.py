@@ -171,6 +171,7 @@ def create_app(
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
+        endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values, whatever clients send
         if path.startswith("/v1/") and service.token is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {service.token}".encode()):
@@ -179,15 +180,14 @@ def create_app(
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-                metrics.requests.labels(endpoint=path, status="401").inc()
+                metrics.requests.labels(endpoint=endpoint, status="401").inc()
                 return response
         response = await call_next(request)
-        endpoint = path if path in KNOWN_PATHS else "other"
         metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
         return response
 
-    async def read_json(request: Request):
+    async def read_json(request: Request, empty=None):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             return None, _error(413, f"request body of {declared} bytes is larger than the limit of {max_body}")
@@ -196,6 +196,8 @@ def create_app(
             body += chunk
             if len(body) > max_body:
                 return None, _error(413, f"request body is larger than the limit of {max_body} bytes")
+        if not body.strip() and empty is not None:
+            return empty, None
         try:
             return json.loads(body), None
         except (ValueError, UnicodeDecodeError) as e:
@@ -245,7 +247,7 @@ def create_app(
     async def reload(request: Request):
         if service.token is None:
             return _error(403, "reloading over HTTP needs a server started with --token-file (or send SIGHUP)")
-        payload, error = await read_json(request) if int(request.headers.get("content-length") or 0) else ({}, None)
+        payload, error = await read_json(request, empty={})
         if error is not None:
             return error
         if not isinstance(payload, dict) or not isinstance(payload.get("path", ""), str):
