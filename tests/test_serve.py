@@ -208,3 +208,25 @@ def test_lmrec_eval_of_an_artifact_prints_the_training_metrics(trained_run, arti
     printed = dict(line.split() for line in done.stdout.splitlines()[1:] if line.strip())
     assert float(printed["NDCG@10"]) == pytest.approx(trained["NDCG@10"], abs=1e-4)
     assert int(printed["users"]) == trained["users"]
+
+
+def test_export_from_a_training_checkpoint_streams_its_table_unchanged(trained_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    from serve.tensorfile import map_tensors
+    from train.checkpoint import read_item_rows, resolve
+
+    _, run = trained_run
+    checkpoint, meta = resolve("auto", run / "checkpoints")
+    out = tmp_path / "from-checkpoint"
+    done = run_cli("export", run / "checkpoints", "--out", out, "--quant", "fp32", "--no-eval")
+    assert f"exported {run / 'checkpoints'}" in done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == {"checkpoint": str(checkpoint), "step": meta["progress"]["step"]}
+    rows = meta["vocab"]["items"]
+    np.testing.assert_array_equal(map_tensors(out / "items.safetensors")["items"], read_item_rows(checkpoint, 0, rows))
+    dense = load_file(str(checkpoint / "dense.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    assert {f"weight/{k}" for k in exported} <= set(dense)
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, dense[f"weight/{name}"])
