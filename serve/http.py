@@ -230,8 +230,6 @@ def create_app(
         answers = []
         for user, result in zip(users, results, strict=True):
             answer = result.to_dict()
-            if rec.vocab.titles is not None:
-                answer["titles"] = [rec.vocab.title(i) for i in result.items]
             if user.user is not None:
                 answer = {"user": user.user, **answer}
             answers.append(answer)

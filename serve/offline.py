@@ -258,18 +258,8 @@ def _score_part(task: tuple[Part, str, int, bool, int]) -> tuple[str, int]:
     for first in range(0, len(order), batch_size):
         positions = order[first : first + batch_size]
         batch = [histories[b] for b in positions]
-        model_rows = [b for b, h in enumerate(batch) if len(h[0])]
-        scores = torch.full((len(batch), k), -torch.inf)
-        items = torch.zeros((len(batch), k), dtype=torch.int64)
         exclude = [np.unique(h[0]) if exclude_seen else np.zeros(0, dtype=np.int64) for h in batch]
-        if model_rows:
-            hidden = rec.encode(*_pad_indices([batch[b] for b in model_rows], rec.max_len))
-            s, i = rec.top_k(hidden, k, [exclude[b] for b in model_rows])
-            scores[model_rows], items[model_rows] = s, i
-        empty = [b for b in range(len(batch)) if b not in set(model_rows)]
-        if empty:
-            s, i = rec.top_k(None, k, [exclude[b] for b in empty])
-            scores[empty], items[empty] = s, i
+        scores, items = rec.rank(batch, k, exclude, batch_size=batch_size)
         for b, position in enumerate(positions):
             found = torch.isfinite(scores[b])
             top_items[position] = rec.vocab.raw(items[b][found].numpy())
@@ -280,22 +270,6 @@ def _score_part(task: tuple[Part, str, int, bool, int]) -> tuple[str, int]:
     pq.write_table(table, tmp)
     os.replace(tmp, target)
     return part.name, len(users)
-
-
-def _pad_indices(histories: list[tuple], max_len: int) -> tuple:
-    lengths = torch.tensor([min(len(h[0]), max_len) for h in histories])
-    width = int(lengths.max())
-    tensors = []
-    for f in range(3):
-        if any(h[f] is None for h in histories):
-            tensors.append(None)
-            continue
-        padded = torch.zeros((len(histories), width), dtype=torch.int64)
-        for b, h in enumerate(histories):
-            tail = h[f][-max_len:]
-            padded[b, : len(tail)] = torch.from_numpy(tail)
-        tensors.append(padded)
-    return tensors[0], lengths, tensors[1], tensors[2]
 
 
 def score(

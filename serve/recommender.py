@@ -35,9 +35,10 @@ class Recommendation:
     unknown_items: list = field(default_factory=list)  # history IDs the artifact does not know (dropped)
     truncated: bool = False  # the history was longer than the model's window; its oldest events were dropped
     fallback: str | None = None  # "popularity" when no known history was left
+    titles: list | None = None  # of the recommended items, when the artifact has titles
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "titles" or v is not None}
 
 
 class ItemTable:
@@ -156,10 +157,6 @@ class Vocabulary:
     def raw(self, indices: np.ndarray) -> list:
         return self.raw_by_index[indices].tolist()
 
-    def title(self, raw_id) -> str | None:
-        index = self.indices([raw_id])[0]
-        return None if self.titles is None or index < 0 else self.titles[index]
-
 
 class Recommender:
     def __init__(self, path: Path, manifest: dict, config: dict, dense: dict, items: dict, vocab, block_rows: int):
@@ -273,6 +270,31 @@ class Recommender:
         scores[: len(top)], items[: len(top)] = top, candidates[order]
         return scores, items
 
+    def rank(
+        self,
+        histories: list[tuple],
+        k: int,
+        exclude: list[np.ndarray],
+        allow: list[np.ndarray | None] | None = None,
+        batch_size: int = ENCODE_BATCH,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``top_k`` for index histories ``(items, actions, gaps)`` (actions and gaps may be None):
+        the model ranks the non-empty ones, encoded in batches of similar length; popularity ranks
+        the empty ones."""
+        allow = allow or [None] * len(histories)
+        scores = torch.full((len(histories), k), -torch.inf)
+        items = torch.zeros((len(histories), k), dtype=torch.int64)
+        model_rows = sorted((b for b, h in enumerate(histories) if len(h[0])), key=lambda b: len(histories[b][0]))
+        fallback_rows = [b for b, h in enumerate(histories) if not len(h[0])]
+        for first in range(0, len(model_rows), batch_size):
+            chunk = model_rows[first : first + batch_size]
+            hidden = self.encode(*_pad([histories[b] for b in chunk], self.max_len))
+            scores[chunk], items[chunk] = self.top_k(hidden, k, [exclude[b] for b in chunk], [allow[b] for b in chunk])
+        if fallback_rows:
+            rows = [exclude[b] for b in fallback_rows], [allow[b] for b in fallback_rows]
+            scores[fallback_rows], items[fallback_rows] = self.top_k(None, k, *rows)
+        return scores, items
+
     # -- raw IDs ---------------------------------------------------------------------------------
 
     def recommend(
@@ -305,28 +327,18 @@ class Recommender:
                 parts.append(self.vocab.indices(deny_rows[b]))
             exclude.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
         allow_idx = [None if a is None else self.vocab.indices(a) for a in allow_rows]
-        scores = torch.full((n, k), -torch.inf)
-        items = torch.zeros((n, k), dtype=torch.int64)
-        model_rows = [b for b in range(n) if len(prepared[b]["items"])]
-        fallback_rows = [b for b in range(n) if not len(prepared[b]["items"])]
-        for chunk_start in range(0, len(model_rows), ENCODE_BATCH):
-            chunk = model_rows[chunk_start : chunk_start + ENCODE_BATCH]
-            hidden = self.encode(*_pad([prepared[b] for b in chunk]))
-            s, i = self.top_k(hidden, k, [exclude[b] for b in chunk], [allow_idx[b] for b in chunk])
-            scores[chunk], items[chunk] = s, i
-        if fallback_rows:
-            s, i = self.top_k(None, k, [exclude[b] for b in fallback_rows], [allow_idx[b] for b in fallback_rows])
-            scores[fallback_rows], items[fallback_rows] = s, i
+        scores, items = self.rank([(p["items"], p["actions"], p["gaps"]) for p in prepared], k, exclude, allow_idx)
         results = []
         for b, p in enumerate(prepared):
-            found = torch.isfinite(scores[b])
+            found = items[b][torch.isfinite(scores[b])].numpy()
             results.append(
                 Recommendation(
-                    items=self.vocab.raw(items[b][found].numpy()),
-                    scores=scores[b][found].tolist(),
+                    items=self.vocab.raw(found),
+                    scores=scores[b][: len(found)].tolist(),
                     unknown_items=p["unknown"],
                     truncated=p["truncated"],
                     fallback=None if len(p["items"]) else "popularity",
+                    titles=None if self.vocab.titles is None else self.vocab.titles[found].tolist(),
                 )
             )
         return results
@@ -374,18 +386,20 @@ def _per_history(values, n: int, name: str) -> list:
     return [values] * n
 
 
-def _pad(prepared: list[dict]) -> tuple:
-    """Right-padded (items, lengths, actions, gaps) tensors of a batch of prepared histories."""
-    lengths = torch.tensor([len(p["items"]) for p in prepared])
+def _pad(histories: list[tuple], max_len: int) -> tuple:
+    """Right-padded (items, lengths, actions, gaps) tensors of index histories (items, actions,
+    gaps), each cut to its newest ``max_len`` events."""
+    lengths = torch.tensor([min(len(h[0]), max_len) for h in histories])
     width = int(lengths.max())
 
-    def padded(key):
-        if all(p[key] is None for p in prepared):
+    def padded(field):
+        if all(h[field] is None for h in histories):
             return None
-        out = torch.zeros((len(prepared), width), dtype=torch.int64)
-        for b, p in enumerate(prepared):
-            if p[key] is not None:
-                out[b, : len(p[key])] = torch.from_numpy(np.asarray(p[key], dtype=np.int64))
+        out = torch.zeros((len(histories), width), dtype=torch.int64)
+        for b, h in enumerate(histories):
+            if h[field] is not None:
+                tail = np.asarray(h[field], dtype=np.int64)[-max_len:]
+                out[b, : len(tail)] = torch.from_numpy(tail)
         return out
 
-    return padded("items"), lengths, padded("actions"), padded("gaps")
+    return padded(0), lengths, padded(1), padded(2)
