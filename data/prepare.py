@@ -20,6 +20,16 @@ from tqdm import tqdm
 from data import schema
 from data.errors import DataError
 from data.readers import RawData
+from data.text import (
+    TEXT_COLUMNS,
+    TEXT_FILE,
+    HashedTokenizer,
+    SentenceEncoder,
+    TextVectorCache,
+    build_text_features,
+    item_text,
+    text_spec,
+)
 from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
 from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous, lookup
 
@@ -44,6 +54,13 @@ class PrepareConfig:
     overwrite: bool = False
     workers: int = 2
     progress: bool = True
+    # Item text features (data.text): sentence-encoder vectors and hashed n-gram tokens per item.
+    item_text: bool = False
+    text_buckets: int = 1 << 15
+    text_cache: Path | None = None
+    # The cold-item protocol: this fraction of items never appears in training or validation, only
+    # as test targets (see _hold_out_items).
+    hold_out_items: float = 0.0
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -61,6 +78,12 @@ class PrepareConfig:
             raise DataError("--samples-per-shard and --workers must be at least 1")
         if min(self.min_user_events, self.min_item_events) < 0:
             raise DataError("--min-user-events and --min-item-events must be >= 0")
+        if not 0 <= self.hold_out_items < 1:
+            raise DataError(f"--hold-out-items must be a fraction in [0, 1), got {self.hold_out_items}")
+        if self.hold_out_items and self.split != "leave_one_out":
+            raise DataError("--hold-out-items needs --split leave_one_out (held-out items are test targets only)")
+        if self.text_buckets < 1:
+            raise DataError("--text-buckets must be >= 1")
 
 
 @dataclass
@@ -83,6 +106,24 @@ def _k_core(events: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
             events = events.filter(pl.len().over("user") >= min_user)
         if events.height == before:
             return events
+
+
+def _hold_out_items(events: pl.DataFrame, fraction: float, seed: int) -> tuple[pl.DataFrame, pl.Series]:
+    """Removes a seeded random ``fraction`` of the items from every history, except where one is a
+    user's last event and that user keeps enough events (3) to be evaluated: there it stays as the
+    test target. So training and validation never see a held-out item, and test histories hold
+    none either; only the targets do."""
+    items = _unique_items(events)
+    rng = np.random.default_rng(seed)
+    held = items.gather(np.sort(rng.choice(len(items), size=round(fraction * len(items)), replace=False)))
+    is_held = pl.col("item").is_in(held.implode())
+    last = (pl.col("user") != pl.col("user").shift(-1)).fill_null(True)
+    kept = events.filter(~is_held | last)
+    return kept.filter(~is_held | (pl.len().over("user") >= 3)), held
+
+
+def _unique_items(events: pl.DataFrame) -> pl.Series:
+    return events["item"].unique().sort()
 
 
 def _drop_duplicates(events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -269,9 +310,17 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
     raw.events = events = events.sort(["user", "ts"] if has_ts else ["user"], maintain_order=True)
     if cfg.dedup and has_ts:
         events, dropped["duplicates"] = _drop_duplicates(events)
+    # Held-out items stay in the vocabulary: the test ranks targets among all items.
+    catalog = _unique_items(events)
+    held_out = None
+    if cfg.hold_out_items:
+        before = events.height
+        events, held_out = _hold_out_items(events, cfg.hold_out_items, cfg.seed)
+        raw.events = events
+        dropped["held_out_items"] = before - events.height
     phases.done("filter_sort")
 
-    items_vocab, item_change = build_index(events["item"], cfg.seed, previous_items, what="item")
+    items_vocab, item_change = build_index(catalog, cfg.seed, previous_items, what="item")
     if item_change is not None:
         notes.append(f"items against --vocab-from: {item_change}")
     records = np.zeros(events.height, dtype=schema.segment_dtype(features))
@@ -328,6 +377,8 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         missing = text.height - items_table.filter(pl.col("raw_id").is_in(text["raw_id"].implode())).height
         if missing:
             notes.append(f"{missing} catalog items have text but no events; they are not in the vocabulary")
+    if held_out is not None:
+        items_table = items_table.with_columns(pl.col("raw_id").is_in(held_out.implode()).alias("held_out"))
     users_table = pl.DataFrame(
         {"index": np.arange(n_users), "raw_id": events["user"].gather(offsets[:-1]), "events": counts}
     )
@@ -344,6 +395,11 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         if actions_vocab is not None:
             actions_vocab.rename({"raw_id": "value"}).write_parquet(tmp / ACTIONS_FILE)
             written.append(ACTIONS_FILE)
+        text = None
+        if cfg.item_text:
+            text, encoded = _write_item_text(cfg, items_table, size, tmp / TEXT_FILE)
+            notes.append(f"item text: {text['items_with_text']:,} items, {encoded:,} encoded now, the rest from the cache")
+            written.append(TEXT_FILE)
         for name in written:
             files[name] = sha256_file(tmp / name)
         split_counts = {s: sum(e["splits"][s] for e in shard_entries) for s in schema.SPLITS}
@@ -377,6 +433,8 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
             },
             "shards": shard_entries,
             "files": files,
+            "text": text,
+            "held_out_items": None if held_out is None else {"fraction": cfg.hold_out_items, "items": len(held_out)},
             "args": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("progress",)
             },
@@ -384,6 +442,19 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         write_json_atomic(tmp / MANIFEST, manifest)
     phases.done("finish")
     return PrepareReport(manifest, sum(phases.seconds.values()), phases.seconds, notes)
+
+
+def _write_item_text(cfg: PrepareConfig, items_table: pl.DataFrame, size: int, path: Path) -> tuple[dict, int]:
+    columns = [c for c in TEXT_COLUMNS if c in items_table.columns]
+    if not columns:
+        raise DataError("--item-text: this source has no item text (title, genres or description)")
+    texts = [""] * size
+    for row in items_table.select("index", *columns).iter_rows(named=True):
+        texts[row["index"]] = item_text(row)
+    encoder, tokenizer = SentenceEncoder(), HashedTokenizer(cfg.text_buckets)
+    features, encoded = build_text_features(texts, tokenizer, encoder, TextVectorCache(cfg.text_cache), cfg.progress)
+    features.save(path)
+    return text_spec(encoder, tokenizer) | {"items_with_text": sum(1 for t in texts if t)}, encoded
 
 
 def summary_rows(manifest: dict) -> list[tuple[str, str]]:
@@ -399,5 +470,10 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
     rows += [(f"events in {k}", f"{v:,}") for k, v in c["events_per_segment"].items()]
     rows += [(f"{k} samples", f"{v:,}") for k, v in c["samples_per_split"].items()]
     rows += [(f"dropped {k.replace('_', ' ')}", f"{v:,}") for k, v in c["dropped"].items() if v]
+    if manifest.get("text"):
+        text = manifest["text"]
+        rows.append(("item text", f"{text['items_with_text']:,} items, {text['encoder']['name']} + {text['tokenizer']['buckets']:,} token buckets"))
+    if manifest.get("held_out_items"):
+        rows.append(("held-out items", f"{manifest['held_out_items']['items']:,} (test targets only)"))
     rows.append(("vocab sizes", ", ".join(f"{k} {manifest['vocab'][k]}" for k in ("items", "actions", "gaps"))))
     return rows

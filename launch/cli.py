@@ -76,6 +76,10 @@ def cmd_data_prepare(args) -> int:
         overwrite=args.overwrite,
         workers=args.workers,
         progress=not args.quiet,
+        item_text=args.item_text,
+        text_buckets=args.text_buckets,
+        text_cache=args.text_cache,
+        hold_out_items=args.hold_out_items,
     )
     started = time.perf_counter()
     raw = _read_source(args)
@@ -140,6 +144,13 @@ def _add_data(sub) -> None:
     g.add_argument("--item-map", type=Path, help="sasrec: 'sasrec_id original_id' lines")
     g.add_argument("--items", type=Path, help="sasrec: MovieLens movies.dat with titles and genres")
     g.add_argument("--meta", type=Path, help="amazon: metadata JSON lines")
+    g.add_argument(
+        "--item-text",
+        action="store_true",
+        help="encode each item's text (title, genres, description) for the model: sentence-encoder vectors and hashed word n-grams",
+    )
+    g.add_argument("--text-buckets", type=int, default=1 << 15, help="hash buckets of the text tokens")
+    g.add_argument("--text-cache", type=Path, help="encoded-vector cache (default ~/.cache/lmrec/text)")
     g = p.add_argument_group("synthetic")
     g.add_argument("--users", type=int, default=10_000)
     g.add_argument("--num-items", type=int, default=5_000)
@@ -155,7 +166,13 @@ def _add_data(sub) -> None:
     g.add_argument("--window", type=int, default=0, help="cut training histories into windows of this many events")
     g.add_argument("--window-overlap", type=int, default=0)
     g.add_argument("--samples-per-shard", type=int, default=5000)
-    g.add_argument("--seed", type=int, default=0, help="seed of the item index permutation")
+    g.add_argument("--seed", type=int, default=0, help="seed of the item index permutation (and of --hold-out-items)")
+    g.add_argument(
+        "--hold-out-items",
+        type=float,
+        default=0.0,
+        help="cold-item protocol: this fraction of items appears only as test targets, never in training or validation",
+    )
     g.add_argument("--vocab-from", type=Path, help="keep the item/action indices of this prepared directory")
     g.add_argument("--workers", type=int, default=2, help="processes writing shards")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -182,7 +199,7 @@ def cmd_train(args) -> int:
     from train.train import main as train_main
 
     try:
-        train_main(args.config, args.set, args.resume)
+        train_main(args.config, args.set, args.resume, args.init_from)
     except (ConfigError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     return 0
@@ -296,6 +313,12 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (one process, or under torchrun / the deepspeed launcher)")
     p.add_argument("--config", help="YAML recipe, e.g. configs/ml-100k.yaml")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL_OR_ARTIFACT",
+        help="start from a pretrained model (RUN/best, a checkpoint or an artifact): backbone and text paths "
+        "carry over, new item rows start from their text; a checkpoint found by --resume takes precedence",
+    )
     p.add_argument(
         "--resume",
         metavar="auto|PATH",

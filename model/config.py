@@ -29,6 +29,11 @@ class ModelConfig:
     action_loss_weight: float = 0.5
     positive_action_min: float = 4.0  # action head target: raw action value >= this (e.g. rating >= 4)
     backbone_options: dict = field(default_factory=dict)  # passed to the transformers config as is
+    # The item representation, input token and scoring target alike: the sum of the parts enabled.
+    # Text parts need shards prepared with --item-text. (The ID table is allocated either way.)
+    item_id: bool = True  # a learned embedding per item ID
+    item_text: bool = False  # a learned projection of the item's pretrained sentence-encoder vector
+    item_text_tokens: bool = False  # the mean of learned embeddings of the item's hashed text tokens
 
     def __post_init__(self):
         from transformers import CONFIG_MAPPING
@@ -52,8 +57,14 @@ class ModelConfig:
             )
         if min(self.hidden_size, self.num_layers, self.num_heads, self.max_len) < 1 or self.temperature <= 0:
             raise ValueError("model sizes must be positive and model.temperature > 0")
+        if not (self.item_id or self.item_text or self.item_text_tokens):
+            raise ValueError("model: at least one of item_id, item_text and item_text_tokens must be on")
         if self.loss == "sampled" and self.num_negatives < 1:
             raise ValueError("model.num_negatives must be >= 1 for the sampled loss")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.item_text or self.item_text_tokens
 
     def backbone_config(self):
         """The transformers config of the backbone. Token embeddings are unused (we feed

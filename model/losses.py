@@ -25,10 +25,15 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tens
     return (values * weights).sum() / denominator.clamp(min=1.0)
 
 
-def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, total=None) -> torch.Tensor:
-    """``logits`` (N, V) over the whole catalog, column = item index."""
+def full_softmax_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, total=None, candidates: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``logits`` (N, V) over the whole catalog, column = item index; ``candidates`` (V, bool)
+    limits the softmax to those items."""
     logits = logits.clone()
     logits[:, :RESERVED] = float("-inf")
+    if candidates is not None:
+        logits[:, ~candidates] = float("-inf")
     return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weights, total)
 
 

@@ -4,6 +4,10 @@ A token is the item's embedding plus, where configured and present, an action em
 time-gap-bucket embedding. Item embeddings are *given* to the model, not owned by it: training
 looks them up in TorchRec's sharded tables (which DeepSpeed must never see), serving in a plain
 quantized table. The same embeddings are the scoring targets.
+
+An item's embedding is built from parts by ``ItemEncoder``: its ID embedding, a projection of its
+pretrained text vector and the mean of its text-token embeddings (the ID and token tables live
+outside, like the item table; the projection is dense and lives here).
 """
 
 from __future__ import annotations
@@ -15,12 +19,54 @@ from torch import nn
 from model.config import ModelConfig
 
 
+class ItemEncoder(nn.Module):
+    """Item vector = sum of its enabled parts. Summing keeps one space for items with and without
+    a part: an item with no training events has no trained ID embedding, so where text parts exist
+    its ID part is left out (``has_id``) and its text alone places it, a cold item included."""
+
+    def __init__(self, cfg: ModelConfig, text_dim: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.item_text and text_dim < 1:
+            raise ValueError("model.item_text needs text vectors (shards prepared with --item-text)")
+        self.text_projection = nn.Linear(text_dim, cfg.hidden_size, bias=False) if cfg.item_text else None
+
+    def forward(
+        self,
+        id_part: torch.Tensor | None = None,
+        text_vectors: torch.Tensor | None = None,
+        token_part: torch.Tensor | None = None,
+        has_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        parts = []
+        if self.cfg.item_id:
+            if has_id is not None and self.cfg.uses_text:
+                id_part = id_part * has_id.unsqueeze(-1).to(id_part.dtype)
+            parts.append(id_part)
+        if self.text_projection is not None:
+            parts.append(self.text_projection(text_vectors.to(self.text_projection.weight.dtype)).float())
+        if self.cfg.item_text_tokens:
+            parts.append(token_part)
+        return torch.stack([p.float() for p in parts]).sum(0)
+
+
+def pool_tokens(table: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Mean of each bag's rows of ``table``; bag i is token_ids[offsets[i]:offsets[i + 1]] (offsets
+    may be a slice of a longer CSR array) and an empty bag gives zeros, as TorchRec's mean-pooled
+    EmbeddingBagCollection does."""
+    first, last = int(offsets[0]), int(offsets[-1])
+    return F.embedding_bag(
+        token_ids[first:last], table.float(), offsets - first, mode="mean", include_last_offset=True
+    )
+
+
 class SequenceRecommender(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_actions: int = 0, num_gaps: int = 0):
+    def __init__(self, cfg: ModelConfig, num_actions: int = 0, num_gaps: int = 0, text_dim: int = 0):
         super().__init__()
         from transformers import AutoModel
 
         self.cfg = cfg
+        self.item_encoder = ItemEncoder(cfg, text_dim)
         self.backbone = AutoModel.from_config(cfg.backbone_config())
         d = cfg.hidden_size
         self.action_embeddings = (

@@ -144,10 +144,10 @@ def _ownership_worker(rank: int, port: int, shards: str, out: str, results) -> N
     env = compute_init(seed=0)
     trainer = Trainer(cfg, env)
     trainer.check_parameter_ownership()
-    before = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards()]
+    before = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards(trainer.items.weight_name)]
     batch = next(iter(iterate_epoch(trainer.train_data, trainer.train_loader, epoch=0)))
     trainer.train_step(batch)
-    after = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards()]
+    after = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards(trainer.items.weight_name)]
     full = trainer.items.full_table()
     compute_cleanup()
     (row0, _), shard = after[0]

@@ -56,6 +56,7 @@ DENSE = "dense.safetensors"
 SPARSE = "sparse"
 RANKS = "ranks"
 WEIGHT_KEY = "item_table"
+TOKEN_KEY = "text_token_table"
 BLOCK_ROWS = 1 << 18  # rows per stored block of the item table: 64 MiB at 64 fp32 columns
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 # Model fields that change the parameters' meaning or shape; anything else may change on resume.
@@ -182,7 +183,10 @@ def _row_blocks(tensor: ShardedTensor, rows: int) -> ShardedTensor:
 
 def _sparse_state(items) -> tuple[dict, dict]:
     """(flat name -> ShardedTensor, the fused optimizer's state dict whose tensors those are)."""
-    state = {WEIGHT_KEY: items.module.state_dict()[items.weight_name]}
+    tables = items.module.state_dict()
+    state = {WEIGHT_KEY: tables[items.weight_name]}
+    if items.text_buckets:
+        state[TOKEN_KEY] = tables[items.token_weight_name]
     optimizer = items.module.fused_optimizer.state_dict()
     for param, entries in optimizer["state"].items():
         for key, value in entries.items():
@@ -200,7 +204,7 @@ def _load_sparse(items, directory: Path, weights_only: bool = False) -> None:
     """Reads into the current sharding, whatever the saved one: DCP reads the overlapping blocks."""
     state, optimizer = _sparse_state(items)
     if weights_only:
-        state = {WEIGHT_KEY: state[WEIGHT_KEY]}
+        state = {k: v for k, v in state.items() if k in (WEIGHT_KEY, TOKEN_KEY)}
     dcp.load(state, checkpoint_id=str(directory))
     if not weights_only:
         items.module.fused_optimizer.load_state_dict(optimizer)
@@ -226,12 +230,13 @@ class _RowBlockPlanner(DefaultLoadPlanner):
         return view
 
 
-def read_item_rows(checkpoint: Path, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a checkpoint's item table, reading only the blocks that hold them."""
+def read_item_rows(checkpoint: Path, start: int = 0, stop: int | None = None, key: str = WEIGHT_KEY) -> torch.Tensor:
+    """Rows [start, stop) of a checkpoint's item table (or, by ``key``, its text-token table),
+    reading only the blocks that hold them."""
     reader = dcp.FileSystemReader(str(Path(checkpoint) / SPARSE))
-    size = reader.read_metadata().state_dict_metadata[WEIGHT_KEY].size
-    out = torch.empty(stop - start, *size[1:])
-    dcp.load({WEIGHT_KEY: out}, storage_reader=reader, planner=_RowBlockPlanner(WEIGHT_KEY, start, out), no_dist=True)
+    size = reader.read_metadata().state_dict_metadata[key].size
+    out = torch.empty((size[0] if stop is None else stop) - start, *size[1:])
+    dcp.load({key: out}, storage_reader=reader, planner=_RowBlockPlanner(key, start, out), no_dist=True)
     return out
 
 

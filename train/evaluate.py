@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from model.config import ModelConfig
-from model.modeling import SequenceRecommender
+from model.modeling import SequenceRecommender, pool_tokens
 from train.metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
 
 SAVED_META = "meta.json"
@@ -37,9 +38,11 @@ def evaluate(
     world_size: int = 1,
     device: torch.device = torch.device("cpu"),
     positive_action: torch.Tensor | None = None,
+    ranks_out: Path | None = None,
 ) -> dict:
     """``forward(item_embeddings, lengths, actions, gaps)`` runs the dense model (the DeepSpeed
-    engine in training, the module itself otherwise); ``table`` is the full (V, D) item table."""
+    engine in training, the module itself otherwise); ``table`` is the full (V, D) item table.
+    ``ranks_out``: also write every user's target rank there (rank 0)."""
     dataset, loader = make_loader(
         shards,
         LoaderConfig(
@@ -54,6 +57,7 @@ def evaluate(
     )
     baseline = popularity_scores(popularity).to(device)
     model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
+    users, cold = [], []
     action_probabilities, action_labels = [], []
     for batch in iterate_epoch(dataset, loader, epoch=0):
         items, lengths = batch["items"].to(device), batch["lengths"].to(device)
@@ -65,9 +69,11 @@ def evaluate(
             exclude = seen_mask(batch["seen_items"].to(device), batch["seen_lengths"].to(device), len(table))
         targets = batch["target_items"].to(device)
         model_metrics.update(target_ranks(model.scores(hidden, table), targets, exclude).cpu(), batch["weights"])
+        real = batch["weights"] > 0
+        users.append(batch["users"][real])
+        cold.append((popularity[targets.cpu()] == 0)[real])
         popularity_metrics.update(target_ranks(baseline, targets, exclude).cpu(), batch["weights"])
         if model.action_head is not None:
-            real = batch["weights"] > 0
             probabilities = torch.sigmoid(model.action_logits(hidden, table[targets])).cpu()
             action_probabilities.append(probabilities[real])
             action_labels.append(positive_action[batch["target_actions"]][real].cpu())
@@ -83,7 +89,27 @@ def evaluate(
     if model.action_head is not None:
         probabilities, labels = _gather_cat(action_probabilities), _gather_cat(action_labels)
         result["action"] = binary_metrics(probabilities, labels)
+    # Targets without training events (cold items, e.g. under --hold-out-items) apart from the rest.
+    users, cold = _gather_cat(users).numpy(), _gather_cat(cold).numpy()
+    if cold.any():
+        ranks = model_metrics.ranks
+        for name, chosen in (("cold", cold), ("warm", ~cold)):
+            group = RankingMetrics()
+            group.update(torch.from_numpy(ranks[chosen]))
+            result[name] = group.compute(ks)
+    if ranks_out is not None and (rank == 0):
+        _write_ranks(ranks_out, users, cold, model_metrics.ranks)
     return result
+
+
+def _write_ranks(path: Path, users, cold, ranks) -> None:
+    """Per-user test ranks, for paired comparisons between runs (benchmarks/text.py)."""
+    import numpy as np
+
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, users=users, cold=cold, ranks=ranks)
+    tmp.rename(path)
 
 
 def _gather_cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -105,6 +131,60 @@ def load_popularity(shards: str, num_items: int) -> torch.Tensor:
     return counts
 
 
+@dataclass
+class ItemText:
+    """The shards' item text features as tensors (rows = item indices) and their spec."""
+
+    spec: dict
+    vectors: torch.Tensor
+    token_offsets: torch.Tensor
+    token_ids: torch.Tensor
+
+    @property
+    def buckets(self) -> int:
+        return int(self.spec["tokenizer"]["buckets"])
+
+
+def load_item_text(shards: str, num_items: int) -> ItemText:
+    from data.shards import load_manifest
+    from data.text import ItemTextFeatures
+
+    spec = load_manifest(shards).get("text")
+    if not spec:
+        raise ValueError(
+            f"{shards}: no item text features; prepare the shards with --item-text for model.item_text / item_text_tokens"
+        )
+    features = ItemTextFeatures.load(Path(shards) / spec["file"])
+    if len(features.vectors) != num_items:
+        raise ValueError(f"{shards}: text features for {len(features.vectors)} items, the vocabulary has {num_items}")
+    return ItemText(
+        spec,
+        torch.from_numpy(features.vectors),
+        torch.from_numpy(features.token_offsets),
+        torch.from_numpy(features.token_ids),
+    )
+
+
+@torch.no_grad()
+def compose_items(
+    model: SequenceRecommender,
+    start: int,
+    id_rows: torch.Tensor,
+    text: ItemText | None,
+    has_id: torch.Tensor,
+    token_table: torch.Tensor | None,
+) -> torch.Tensor:
+    """Item vectors of rows [start, start + len(id_rows)) in one process: what the sharded tables
+    give in training, from a plain ID block and token table (export, consolidation)."""
+    if not model.cfg.uses_text:
+        return id_rows
+    stop = start + len(id_rows)
+    tokens = None
+    if model.cfg.item_text_tokens:
+        tokens = pool_tokens(token_table, text.token_ids, text.token_offsets[start : stop + 1])
+    return model.item_encoder(id_rows, text.vectors[start:stop], tokens, has_id[start:stop])
+
+
 def positive_actions(shards: str, num_actions: int, minimum: float) -> torch.Tensor:
     """Which action indices count as positive for the action head: numeric values >= minimum
     (a rating of 4 or 5, say); non-numeric event types are negative."""
@@ -119,9 +199,13 @@ def positive_actions(shards: str, num_actions: int, minimum: float) -> torch.Ten
     return positive
 
 
-def save_model(directory: Path, dense_state: dict, table: torch.Tensor, meta: dict) -> None:
-    """The best weights of a run: dense state, full item table and a JSON meta (config, step,
+def save_model(
+    directory: Path, dense_state: dict, table: torch.Tensor, meta: dict, token_table: torch.Tensor | None = None
+) -> None:
+    """The best weights of a run: dense state, full item table (each item's scoring vector, text
+    parts included), the text-token table of text-aware models, and a JSON meta (config, step,
     metrics) so that loading needs no flags. Files are written under temporary names first."""
+    tables = {"items": table} | ({"text_tokens": token_table} if token_table is not None else {})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, write in (
@@ -129,7 +213,7 @@ def save_model(directory: Path, dense_state: dict, table: torch.Tensor, meta: di
             SAVED_DENSE,
             lambda p: save_file({k: v.detach().float().contiguous().cpu() for k, v in dense_state.items()}, p),
         ),
-        (SAVED_ITEMS, lambda p: save_file({"items": table.detach().float().contiguous().cpu()}, p)),
+        (SAVED_ITEMS, lambda p: save_file({k: v.detach().float().contiguous().cpu() for k, v in tables.items()}, p)),
         (SAVED_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float))),
     ):
         tmp = directory / f".{name}.tmp"
@@ -137,12 +221,20 @@ def save_model(directory: Path, dense_state: dict, table: torch.Tensor, meta: di
         tmp.rename(directory / name)
 
 
+def build_model(meta: dict) -> SequenceRecommender:
+    """An untrained model shaped as the one ``meta`` (a saved model's or checkpoint's) describes."""
+    vocab = meta["vocab"]
+    return SequenceRecommender(
+        ModelConfig(**meta["config"]["model"]), vocab["actions"], vocab["gaps"], vocab.get("text_dim", 0)
+    )
+
+
 def load_model(directory: Path) -> tuple[dict, SequenceRecommender, torch.Tensor]:
     directory = Path(directory)
     if not (directory / SAVED_META).exists():
         raise FileNotFoundError(f"{directory}: no {SAVED_META}; not a saved lmrec model")
     meta = json.loads((directory / SAVED_META).read_text())
-    model = SequenceRecommender(ModelConfig(**meta["config"]["model"]), meta["vocab"]["actions"], meta["vocab"]["gaps"])
+    model = build_model(meta)
     model.load_state_dict(load_file(str(directory / SAVED_DENSE)))
     return meta, model.eval(), load_file(str(directory / SAVED_ITEMS))["items"]
 
@@ -173,6 +265,12 @@ def metrics_table(result: dict) -> str:
         lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'][key]:>12.4f}")
     low, high = result["model_ndcg10_ci"]
     lines.append(f"test users {result['model']['users']}; model NDCG@10 95% bootstrap interval [{low:.4f}, {high:.4f}]")
+    for group in ("cold", "warm"):
+        if group in result:
+            values = result[group]
+            lines.append(
+                f"{group} targets ({values['users']} users): HR@10 {values['HR@10']:.4f}, NDCG@10 {values['NDCG@10']:.4f}"
+            )
     if "action" in result:
         action = result["action"]
         lines.append(

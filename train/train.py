@@ -16,16 +16,22 @@ def check_device(cfg: Config) -> None:
         )
 
 
-def main(config_path: str | None, overrides: list[str], resume: str | None = None) -> dict:
+def main(config_path: str | None, overrides: list[str], resume: str | None = None, init_from: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)  # every config error surfaces before any process group
     from data.shards import load_manifest
+    from train.pretrained import check_pretrained, load_pretrained
     from train.trainer import Trainer, check_data
 
-    check_data(cfg, load_manifest(cfg.data.shards))
+    manifest = load_manifest(cfg.data.shards)
+    check_data(cfg, manifest)
     check_device(cfg)
+    pretrained = None
+    if init_from:
+        pretrained = load_pretrained(init_from)
+        check_pretrained(pretrained, cfg, manifest.get("text"))
     env = compute_init(seed=cfg.schedule.seed)
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, pretrained)
         if resume:
             trainer.resume(resume)
         return trainer.train()

@@ -31,8 +31,9 @@ from train.checkpoint import (
 )
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
-from train.embeddings import ItemEmbeddings
-from train.evaluate import evaluate, load_popularity, metrics_table, positive_actions, save_model
+from train.embeddings import ItemEmbeddings, token_bags
+from train.evaluate import evaluate, load_item_text, load_popularity, metrics_table, positive_actions, save_model
+from train.pretrained import Pretrained, init_model
 from train.telemetry import TrainingTelemetry
 
 
@@ -44,6 +45,11 @@ def check_data(cfg: Config, manifest: dict) -> None:
             raise ConfigError(f"{cfg.data.shards}: the {split} split is empty; training needs all three")
     if manifest["vocab"]["items"] <= RESERVED:
         raise ConfigError(f"{cfg.data.shards}: the item vocabulary is empty")
+    if cfg.model.uses_text and not manifest.get("text"):
+        raise ConfigError(
+            f"model.item_text / item_text_tokens need item text features; {cfg.data.shards} was prepared without "
+            "--item-text"
+        )
     if cfg.model.action_head and "action" not in manifest["features"]:
         raise ConfigError(f"model.action_head needs actions (event types or ratings), and {cfg.data.shards} has none")
 
@@ -86,7 +92,7 @@ class PhaseTimer:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: ComputeEnv):
+    def __init__(self, cfg: Config, env: ComputeEnv, pretrained: Pretrained | None = None):
         import deepspeed
 
         self.cfg, self.env = cfg, env
@@ -95,6 +101,7 @@ class Trainer:
         check_data(cfg, self.manifest)
         vocab, features = self.manifest["vocab"], self.manifest["features"]
         self.num_items = vocab["items"]
+        self.text = load_item_text(cfg.data.shards, self.num_items) if cfg.model.uses_text else None
         self.items = ItemEmbeddings(
             self.num_items,
             cfg.model.hidden_size,
@@ -103,12 +110,16 @@ class Trainer:
             cfg.optim.sparse_optimizer,
             cfg.optim.sparse_lr,
             cfg.schedule.seed,
+            self.text.buckets if cfg.model.item_text_tokens else 0,
         )
         torch.manual_seed(cfg.schedule.seed)
         num_actions = vocab["actions"] if "action" in features else 0
         num_gaps = vocab["gaps"] if "gap" in features else 0
-        model = SequenceRecommender(cfg.model, num_actions, num_gaps)
-        self.model_vocab = {"items": self.num_items, "actions": num_actions, "gaps": num_gaps}
+        text_dim = int(self.text.spec["encoder"]["dim"]) if self.text else 0
+        model = SequenceRecommender(cfg.model, num_actions, num_gaps, text_dim)
+        self.model_vocab = {"items": self.num_items, "actions": num_actions, "gaps": num_gaps, "text_dim": text_dim}
+        if pretrained is not None:
+            init_model(model, self.items, pretrained, self.log)
         self.train_data, self.train_loader = make_loader(
             cfg.data.shards,
             LoaderConfig(
@@ -139,10 +150,14 @@ class Trainer:
         self.model = model
         self.check_parameter_ownership()
         self.popularity = counts = load_popularity(cfg.data.shards, self.num_items)
+        # Items without training events (held-out or new ones) have no trained ID embedding, and
+        # are no training candidates: the catalog being trained on is the items seen in training.
+        self.has_id = counts > 0
         self.positive_action = positive_actions(cfg.data.shards, num_actions, cfg.model.positive_action_min)
         # Sampled-softmax proposal: uniform over real items, or popularity (count + 1).
         weights = torch.ones(self.num_items) if cfg.model.negative_sampler == "uniform" else counts.float() + 1.0
         weights[:RESERVED] = 0.0
+        weights[~self.has_id] = 0.0
         self.proposal = weights / weights.sum()
         self.progress = Progress()
         self.parts = TrainingParts(self.engine, model, self.items, cfg.parallel.zero_stage, env.rank, env.world_size)
@@ -172,7 +187,7 @@ class Trainer:
         total = self._global_weight(weights)
         if cfg.loss == "full":
             # One lookup of the whole catalog serves as inputs and as softmax targets.
-            table = self.items.lookup(torch.arange(self.num_items))
+            table = self.item_vectors(torch.arange(self.num_items))
             input_embeddings = table[inputs]
         else:
             wanted = [inputs.reshape(-1), target]
@@ -180,7 +195,7 @@ class Trainer:
                 negatives = torch.multinomial(self.proposal, cfg.num_negatives, replacement=True).to(device)
                 wanted.append(negatives)
             unique = torch.unique(torch.cat(wanted))
-            vectors = self.items.lookup(unique)
+            vectors = self.item_vectors(unique)
 
             def embed(ids):
                 return vectors[torch.searchsorted(unique, ids)]
@@ -192,7 +207,8 @@ class Trainer:
         hidden = self.engine(input_embeddings, input_lengths, actions, gaps)[positions].float()
         timer.mark("dense_forward")
         if cfg.loss == "full":
-            loss = full_softmax_loss(self.model.scores(hidden, table), target, weights, total)
+            candidates = self.has_id.to(device)
+            loss = full_softmax_loss(self.model.scores(hidden, table), target, weights, total, candidates)
         elif cfg.loss == "sampled":
             log_q = torch.log(self.proposal.to(device) * cfg.num_negatives)
             positive = self.model.pair_scores(hidden, embed(target))
@@ -218,6 +234,22 @@ class Trainer:
         self.progress.losses.append(self._global_mean(loss.detach()))
         return self.progress.losses[-1]
 
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """The vectors of items ``ids`` (1-D, on CPU) from their enabled parts: sharded ID rows,
+        projected text vectors, pooled sharded text-token rows. Collective: every rank calls it."""
+        cfg, device = self.cfg.model, self.env.device
+        id_part = self.items.lookup(ids) if cfg.item_id else None
+        if not cfg.uses_text:
+            return id_part
+        text = self.text.vectors[ids].to(device) if cfg.item_text else None
+        tokens = self.items.pool_tokens(*token_bags(self.text.token_offsets, self.text.token_ids, ids)) if cfg.item_text_tokens else None
+        return self.model.item_encoder(id_part, text, tokens, self.has_id[ids].to(device))
+
+    def full_table(self) -> torch.Tensor:
+        """Every item's vector on every rank (evaluation and the saved model score against it)."""
+        with torch.no_grad():
+            return self.item_vectors(torch.arange(self.num_items))
+
     def _global_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """All ranks' weight (target token) sum over the world size: the loss normaliser."""
         total = weights.sum().detach().reshape(1)
@@ -234,12 +266,12 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, ranks_out: Path | None = None) -> dict:
         self.engine.eval()
         return evaluate(
             self.engine,
             self.model,
-            self.items.full_table(),
+            self.full_table(),
             self.popularity,
             self.cfg.data.shards,
             split,
@@ -248,18 +280,20 @@ class Trainer:
             self.env.world_size,
             self.env.device,
             self.positive_action,
+            ranks_out,
         )
 
     def save_best(self, directory: Path, meta: dict) -> None:
         """Writes the current weights (all ranks take part; rank 0 writes)."""
         import deepspeed
 
-        table = self.items.full_table()
+        table = self.full_table()
+        tokens = self.items.token_table() if self.cfg.model.item_text_tokens else None
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):
             dense = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
         if self.env.is_main:
-            save_model(directory, dense, table, meta)
+            save_model(directory, dense, table, meta, tokens)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -283,6 +317,7 @@ class Trainer:
         meta = {
             "config": self.cfg.to_dict(),
             "vocab": self.model_vocab,
+            "text": self.text.spec if self.text else None,
             "precision": self.cfg.parallel.precision,
             "sharding": self.cfg.parallel.sharding,
             "data_signature": self._data_signature(),
@@ -473,9 +508,17 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         if p.best_step >= 0 and p.best_step != p.step:
             self.checkpoints.load_weights(self.best_path)
-        test = self.evaluate("test")
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        test = self.evaluate("test", ranks_out=self.out / "test_ranks.npz")
         self.telemetry.evaluation(test)
-        meta = {"config": cfg.to_dict(), "vocab": self.model_vocab, "step": p.step, "best_valid_ndcg10": p.best_ndcg}
+        meta = {
+            "config": cfg.to_dict(),
+            "vocab": self.model_vocab,
+            "text": self.text.spec if self.text else None,
+            "step": p.step,
+            "best_valid_ndcg10": p.best_ndcg,
+        }
         self.save_best(self.out / "best", meta | {"test": test})
         summary = {
             "config": cfg.to_dict(),
