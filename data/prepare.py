@@ -20,9 +20,11 @@ from tqdm import tqdm
 from data import schema
 from data.errors import DataError
 from data.readers import RawData
+from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
 from data.text import (
     TEXT_COLUMNS,
     TEXT_FILE,
+    YEAR_COLUMNS,
     HashedTokenizer,
     SentenceEncoder,
     TextVectorCache,
@@ -30,7 +32,6 @@ from data.text import (
     item_text,
     text_spec,
 )
-from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
 from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous, lookup
 
 SPLIT_KINDS = ("leave_one_out", "temporal")
@@ -398,7 +399,9 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         text = None
         if cfg.item_text:
             text, encoded = _write_item_text(cfg, items_table, size, tmp / TEXT_FILE)
-            notes.append(f"item text: {text['items_with_text']:,} items, {encoded:,} encoded now, the rest from the cache")
+            notes.append(
+                f"item text: {text['items_with_text']:,} items, {encoded:,} encoded now, the rest from the cache"
+            )
             written.append(TEXT_FILE)
         for name in written:
             files[name] = sha256_file(tmp / name)
@@ -445,8 +448,8 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
 
 
 def _write_item_text(cfg: PrepareConfig, items_table: pl.DataFrame, size: int, path: Path) -> tuple[dict, int]:
-    columns = [c for c in TEXT_COLUMNS if c in items_table.columns]
-    if not columns:
+    columns = [c for c in (*TEXT_COLUMNS, *YEAR_COLUMNS) if c in items_table.columns]
+    if not any(c in items_table.columns for c in TEXT_COLUMNS):
         raise DataError("--item-text: this source has no item text (title, genres or description)")
     texts = [""] * size
     for row in items_table.select("index", *columns).iter_rows(named=True):
@@ -472,7 +475,12 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
     rows += [(f"dropped {k.replace('_', ' ')}", f"{v:,}") for k, v in c["dropped"].items() if v]
     if manifest.get("text"):
         text = manifest["text"]
-        rows.append(("item text", f"{text['items_with_text']:,} items, {text['encoder']['name']} + {text['tokenizer']['buckets']:,} token buckets"))
+        rows.append(
+            (
+                "item text",
+                f"{text['items_with_text']:,} items, {text['encoder']['name']} + {text['tokenizer']['buckets']:,} token buckets",
+            )
+        )
     if manifest.get("held_out_items"):
         rows.append(("held-out items", f"{manifest['held_out_items']['items']:,} (test targets only)"))
     rows.append(("vocab sizes", ", ".join(f"{k} {manifest['vocab'][k]}" for k in ("items", "actions", "gaps"))))

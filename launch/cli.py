@@ -246,9 +246,14 @@ def cmd_eval(args) -> int:
             result = evaluate_artifact(rec, args.shards or rec.config["shards"], args.split)
         except (ArtifactError, FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
+        groups = {k: result.pop(k) for k in ("cold", "warm") if k in result}
         print(f"{'metric':<10}{'artifact':>10}")
         for key, value in result.items():
             print(f"{key:<10}{value:>10.4f}" if key != "users" else f"{key:<10}{value:>10}")
+        for name, values in groups.items():
+            print(
+                f"{name} targets ({values['users']} users): HR@10 {values['HR@10']:.4f}, NDCG@10 {values['NDCG@10']:.4f}"
+            )
         return 0
     from train.evaluate import evaluate_saved, metrics_table
 
@@ -261,6 +266,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.add_items:
+        # Adding items works on an artifact alone: no training code is loaded.
+        from serve.artifact import ArtifactError
+        from serve.catalog import add_items
+
+        try:
+            add_items(args.source, args.add_items, args.out, overwrite=args.overwrite)
+        except ArtifactError as e:
+            raise UsageError(str(e)) from None
+        return 0
     from train.export import ExportError, export
 
     try:
@@ -350,7 +365,16 @@ def _add_train(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("export", help="a checkpoint (or consolidated model) into a quantized serving artifact")
-    p.add_argument("source", type=Path, help="a checkpoint (RUN/checkpoints/step_N) or a consolidated model")
+    p.add_argument(
+        "source", type=Path, help="a checkpoint (RUN/checkpoints/step_N), a saved model, or an artifact (--add-items)"
+    )
+    p.add_argument(
+        "--add-items",
+        type=Path,
+        metavar="ITEMS",
+        help="add the items of this file (item, title, genres, description; .parquet/.csv/.jsonl) to the artifact "
+        "SOURCE from their text alone, writing a new artifact to --out",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quant", choices=("int8", "int4", "fp16", "fp32"), default="int8")
     p.add_argument("--shards", type=Path, help="for the item vocabulary; default: the shards it was trained on")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,9 @@ def torchrun_lmrec(nproc: int, *args) -> None:
 def main() -> None:
     lmrec("data", "fetch-ml100k", "--cache", CACHE)
     shards = RUN / "shards"
-    lmrec("data", "prepare", "--source", "recbole", "--input", CACHE / "ml-100k", "--out", shards, "--overwrite", "--quiet")  # fmt: skip
+    # --item-text: each movie's title, year and genres through a pretrained sentence encoder, and
+    # as hashed word tokens; the model (configs/ml-100k.yaml) adds both to the item ID embedding.
+    lmrec("data", "prepare", "--source", "recbole", "--input", CACHE / "ml-100k", "--item-text", "--out", shards, "--overwrite", "--quiet")  # fmt: skip
     lmrec("data", "inspect", shards, "--verify")
     # Two ranks on this machine: TorchRec shards the item table, DeepSpeed ZeRO-2 trains the rest.
     torchrun_lmrec(2, "train", "--config", "configs/ml-100k.yaml")
@@ -56,15 +59,58 @@ def main() -> None:
     # The serving artifact: int8 weights and item table, measured through the serving code on export.
     artifact = RUN / "artifact-int8"
     lmrec("export", RUN / "train" / "best", "--out", artifact, "--quant", "int8", "--overwrite")
-    serve_and_recommend(artifact)
+    # Two movies released after MovieLens-100k was collected: no interactions, only text. The
+    # served model places them by their text alone.
+    new_items = RUN / "new-items.csv"
+    new_items.write_text("\n".join(["item,title,release_year,genres", *NEW_ITEMS]) + "\n")
+    grown = RUN / "artifact-int8-new-items"
+    lmrec("export", artifact, "--add-items", new_items, "--out", grown, "--overwrite")
+    # Offline scoring of every user's history (the raw event file, as a TSV): who gets a new movie?
+    events = RUN / "ml-100k-events.tsv"
+    shutil.copyfile(CACHE / "ml-100k" / "ml-100k.inter", events)
+    scores = RUN / "scores"
+    lmrec("score", "--artifact", grown, "--input", events, "--user-col", "user_id:token", "--item-col", "item_id:token", "--time-col", "timestamp:float", "--out", scores, "--k", K, "--overwrite", "--quiet")  # fmt: skip
+    user, history = user_recommended_a_new_item(scores, events)
+    serve_and_recommend(grown, user, history)
 
 
-# A viewer of Star Wars, Return of the Jedi, Raiders of the Lost Ark, Toy Story and Fargo
-# (MovieLens-100k item IDs, oldest first).
-HISTORY = [50, 181, 174, 1, 100]
+def user_recommended_a_new_item(scores: Path, events: Path) -> tuple[int, list[int]]:
+    """The first user whose top K holds a new movie, and that user's history (oldest first)."""
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    new = {int(line.split(",")[0]) for line in NEW_ITEMS}
+    table = pq.read_table(scores).sort_by("user")
+    chosen = [(u, items) for u, items in zip(table["user"].to_pylist(), table["items"].to_pylist()) if new & set(items)]
+    for item in sorted(new):
+        title = next(line.split(",")[1].strip('"') for line in NEW_ITEMS if int(line.split(",")[0]) == item)
+        count = sum(item in items for _, items in chosen)
+        print(f"{title} (new, text only) is in the top {K} of {count} of {table.num_rows} users")
+    if not chosen:
+        sys.exit(f"demo step failed: no user has a new movie among the {K} recommendations")
+    user = chosen[0][0]
+    rows = pyarrow.csv.read_csv(events, parse_options=pyarrow.csv.ParseOptions(delimiter="\t")).to_pylist()
+    mine = sorted((r["timestamp:float"], r["item_id:token"]) for r in rows if r["user_id:token"] == user)
+    return user, [item for _, item in mine]
 
 
-def serve_and_recommend(artifact: Path) -> None:
+NEW_ITEMS = ['5001,"Star Wars: Episode I - The Phantom Menace",1999,Action Adventure Sci-Fi', "5002,Toy Story 2,1999,Animation Children's Comedy"]  # fmt: skip
+K = 10
+
+
+def movie_titles(items: list[int]) -> list[str]:
+    import pyarrow.csv
+
+    table = pyarrow.csv.read_csv(
+        CACHE / "ml-100k" / "ml-100k.item",
+        parse_options=pyarrow.csv.ParseOptions(delimiter="\t"),
+        convert_options=pyarrow.csv.ConvertOptions(column_types={"release_year:token": "string"}),
+    )
+    title = dict(zip(table["item_id:token"].to_pylist(), table["movie_title:token_seq"].to_pylist()))
+    return [title.get(i, str(i)) for i in items]
+
+
+def serve_and_recommend(artifact: Path, user: int, history: list[int]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,18 +130,26 @@ def serve_and_recommend(artifact: Path) -> None:
                 if time.time() > deadline:
                     sys.exit("demo step failed: the server did not become ready in 120 s")
                 time.sleep(0.3)
-        body = json.dumps({"history": HISTORY, "k": 5})
-        print(f"$ curl -s -X POST {url}/v1/recommend -d '{body}'", flush=True)
+        body = json.dumps({"history": history, "k": K})
+        print(
+            f'$ curl -s -X POST {url}/v1/recommend -d \'{{"history": [... user {user}\'s {len(history)} movies], "k": {K}}}\'',
+            flush=True,
+        )
         request = urllib.request.Request(f"{url}/v1/recommend", body.encode(), {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
         print(json.dumps(answer))
         model = json.loads(urllib.request.urlopen(f"{url}/v1/model", timeout=30).read())
         print(f"\nModel {model['version']} ({model['quant']}), test NDCG@10 {model['metrics']['test']['NDCG@10']:.4f}.")
-        print("Recommended for a viewer of Star Wars, Return of the Jedi, Raiders, Toy Story and Fargo:")
-        for rank, (title, score) in enumerate(zip(answer["titles"], answer["scores"], strict=True), 1):
-            print(f"  {rank}. {title}  (score {score:.2f})")
-        if len(answer["items"]) != 5 or answer["unknown_items"]:
+        print(f"Recommended for user {user}, whose last movies were {'; '.join(movie_titles(history[-5:]))}:")
+        new = {int(line.split(",")[0]) for line in NEW_ITEMS}
+        for rank, (item, title, score) in enumerate(
+            zip(answer["items"], answer["titles"], answer["scores"], strict=True), 1
+        ):
+            print(f"  {rank}. {title}  (score {score:.2f})" + ("  <- new item, text only" if item in new else ""))
+        if len(answer["items"]) != K or answer["unknown_items"]:
             sys.exit(f"demo step failed: unexpected answer {answer}")
+        if not new & set(answer["items"]):
+            sys.exit(f"demo step failed: neither new item is among the {K} recommendations")
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)

@@ -34,6 +34,9 @@ class ModelConfig:
     item_id: bool = True  # a learned embedding per item ID
     item_text: bool = False  # a learned projection of the item's pretrained sentence-encoder vector
     item_text_tokens: bool = False  # the mean of learned embeddings of the item's hashed text tokens
+    # Training only: each step, leave out this fraction of the items' ID parts, so that the model
+    # also learns to place an item by its text alone, as it must for a new item (DropoutNet).
+    item_id_dropout: float = 0.0
 
     def __post_init__(self):
         from transformers import CONFIG_MAPPING
@@ -57,6 +60,12 @@ class ModelConfig:
             )
         if min(self.hidden_size, self.num_layers, self.num_heads, self.max_len) < 1 or self.temperature <= 0:
             raise ValueError("model sizes must be positive and model.temperature > 0")
+        if not 0 <= self.item_id_dropout < 1:
+            raise ValueError(f"model.item_id_dropout must be in [0, 1), got {self.item_id_dropout}")
+        if self.item_id_dropout and not (self.item_id and (self.item_text or self.item_text_tokens)):
+            raise ValueError(
+                "model.item_id_dropout needs model.item_id and a text part (item_text or item_text_tokens)"
+            )
         if not (self.item_id or self.item_text or self.item_text_tokens):
             raise ValueError("model: at least one of item_id, item_text and item_text_tokens must be on")
         if self.loss == "sampled" and self.num_negatives < 1:

@@ -26,7 +26,11 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tens
 
 
 def full_softmax_loss(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, total=None, candidates: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    total=None,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``logits`` (N, V) over the whole catalog, column = item index; ``candidates`` (V, bool)
     limits the softmax to those items."""

@@ -55,9 +55,7 @@ def pool_tokens(table: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Ten
     may be a slice of a longer CSR array) and an empty bag gives zeros, as TorchRec's mean-pooled
     EmbeddingBagCollection does."""
     first, last = int(offsets[0]), int(offsets[-1])
-    return F.embedding_bag(
-        token_ids[first:last], table.float(), offsets - first, mode="mean", include_last_offset=True
-    )
+    return F.embedding_bag(token_ids[first:last], table.float(), offsets - first, mode="mean", include_last_offset=True)
 
 
 class SequenceRecommender(nn.Module):

@@ -13,6 +13,9 @@ An artifact is a directory:
   (row-wise, see serve.quant).
 - ``vocab.parquet``: index, raw_id, count (training events: the popularity fallback) and the
   item's title where the data had one.
+- ``text.safetensors`` (text-aware models only): the text-token table, quantized like the dense
+  weights. With the projection in ``model.safetensors`` and the encoder and tokenizer named in
+  ``config.json`` (``text``), it is what builds the vector of an item added from text alone.
 - ``manifest.json``: format version, size and sha256 of every other file, the source checkpoint,
   and the evaluation metrics measured on this artifact at export time.
 """
@@ -37,6 +40,7 @@ CONFIG = "config.json"
 MODEL = "model.safetensors"
 ITEMS = "items.safetensors"
 VOCAB = "vocab.parquet"
+TEXT = "text.safetensors"
 MANIFEST = "manifest.json"
 QUANTS = ("int8", "int4", "fp16", "fp32")
 SCALE, OFFSET = ".scale", ".offset"
@@ -89,6 +93,23 @@ class ArtifactWriter:
         self._items = BlockWriter(self.dir / ITEMS, item_tensors(quant_name, num_items, dim), {"quant": quant_name})
 
     def write_dense(self, state: dict[str, np.ndarray]) -> None:
+        self._write_weights(MODEL, state)
+
+    def write_text_tokens(self, table: np.ndarray) -> None:
+        self._write_weights(TEXT, {"text_tokens": table})
+
+    def copy_file(self, source: Path) -> None:
+        """A file of another artifact, unchanged (the dense weights when only items are added)."""
+        import shutil
+
+        shutil.copyfile(source, self.dir / Path(source).name)
+
+    def write_item_codes(self, start: int, tensors: dict[str, np.ndarray]) -> None:
+        """Rows of the stored item tensors (codes, scales, offsets) as they are, not re-quantized."""
+        for name, block in tensors.items():
+            self._items.write(name, start, np.asarray(block))
+
+    def _write_weights(self, file: str, state: dict[str, np.ndarray]) -> None:
         from safetensors.numpy import save_file
 
         tensors = {}
@@ -100,7 +121,7 @@ class ArtifactWriter:
                 tensors[name], tensors[name + SCALE] = quant.quantize_channels_int8(value)
             else:
                 tensors[name] = value
-        save_file(tensors, str(self.dir / MODEL), metadata={"quant": self.quant})
+        save_file(tensors, str(self.dir / file), metadata={"quant": self.quant})
 
     def write_items(self, start: int, block: np.ndarray) -> None:
         """fp32 rows [start, start + len(block)) of the item table."""
@@ -241,3 +262,14 @@ def read(path: Path, check: bool = True) -> tuple[dict, dict, dict[str, np.ndarr
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise ArtifactError(f"{path / VOCAB}: cannot be read ({e})") from None
     return manifest, config, dense, items, vocab
+
+
+def read_text_tokens(path: Path) -> np.ndarray | None:
+    """The text-token table (fp32) of a text-aware artifact; None for an ID-only one."""
+    path = Path(path)
+    if not (path / TEXT).exists():
+        return None
+    try:
+        return dequantize_dense(map_tensors(path / TEXT))["text_tokens"]
+    except (ValueError, KeyError) as e:
+        raise ArtifactError(f"{path / TEXT}: cannot be read ({e})") from None

@@ -49,7 +49,7 @@ def evaluate_artifact(
     )
     dataset, loader = make_loader(str(shards), loader_cfg, 0, 1)
     cutoff = max(ks)
-    ranks = []
+    ranks, cold = [], []
     for batch in iterate_epoch(dataset, loader, epoch=0):
         real = (batch["weights"] > 0).numpy()
         hidden = rec.encode(batch["items"], batch["lengths"], batch.get("actions"), batch.get("gaps"))
@@ -61,7 +61,16 @@ def evaluate_artifact(
         _, top = rec.top_k(hidden, cutoff, exclude)
         hit = top.numpy() == targets[:, None]
         ranks.append(np.where(hit.any(1), hit.argmax(1), cutoff)[real])
+        cold.append((rec.vocab.popularity[targets] == 0).numpy()[real])
     ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    cold = np.concatenate(cold) if cold else np.zeros(0, dtype=bool)
+    result = _ranking_metrics(ranks, ks)
+    if cold.any():  # targets without training events (cold items) apart from the rest
+        result["cold"], result["warm"] = _ranking_metrics(ranks[cold], ks), _ranking_metrics(ranks[~cold], ks)
+    return result
+
+
+def _ranking_metrics(ranks: np.ndarray, ks) -> dict:
     result: dict = {}
     for k in ks:
         inside = ranks < k

@@ -162,7 +162,9 @@ class Recommender:
     def __init__(self, path: Path, manifest: dict, config: dict, dense: dict, items: dict, vocab, block_rows: int):
         self.path, self.manifest, self.config = Path(path), manifest, config
         vocab_sizes = config["vocab"]
-        self.model = SequenceRecommender(ModelConfig(**config["model"]), vocab_sizes["actions"], vocab_sizes["gaps"])
+        self.model = SequenceRecommender(
+            ModelConfig(**config["model"]), vocab_sizes["actions"], vocab_sizes["gaps"], vocab_sizes.get("text_dim", 0)
+        )
         try:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()})
         except RuntimeError as e:
@@ -194,7 +196,8 @@ class Recommender:
             "quant": self.quant,
             "items": int(self.items.rows - schema.FIRST_INDEX),
             "max_len": self.max_len,
-            "features": {"actions": self.uses_actions, "timestamps": self.uses_gaps},
+            "features": {"actions": self.uses_actions, "timestamps": self.uses_gaps, "text": self.model.cfg.uses_text},
+            "added_items": self.manifest.get("added_items"),
             "created": self.manifest.get("created"),
             "source": self.manifest.get("source"),
             "metrics": self.manifest.get("metrics"),

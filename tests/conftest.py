@@ -58,6 +58,12 @@ def torchrun_train(out, shards, *overrides, nproc=2, config="configs/debug.yaml"
     return json.loads((Path(out) / "metrics.json").read_text()), done.stdout
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_cache(tmp_path_factory):
+    """Encoded item-text vectors go to a session directory, not the user's cache."""
+    os.environ["LMREC_TEXT_CACHE"] = str(tmp_path_factory.mktemp("text-cache"))
+
+
 @pytest.fixture(scope="session")
 def ml1m_dir():
     if not (SHARED / "sasrec" / "ml-1m.txt").exists():

@@ -71,6 +71,9 @@ ARCHITECTURE = (
     "normalize",
     "action_head",
     "backbone_options",
+    "item_id",
+    "item_text",
+    "item_text_tokens",
 )
 
 
@@ -569,6 +572,24 @@ def _load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 # -- consolidation ----------------------------------------------------------------------------------
 
 
+def checkpoint_items(checkpoint: Path, meta: dict, shards: Path | None = None):
+    """(rows(start, stop) -> the items' scoring vectors, the text-token table or None). For an
+    ID-only model the rows are the ID table's; a text-aware model's are composed from the ID rows,
+    the dense text projection and the token table, with the text features of its shards."""
+    from train.evaluate import build_model, compose_items, load_item_text, load_popularity
+
+    model_cfg = meta["config"]["model"]
+    if not (model_cfg.get("item_text") or model_cfg.get("item_text_tokens")):
+        return (lambda a, b: read_item_rows(checkpoint, a, b)), None
+    rows = meta["vocab"]["items"]
+    shards = str(shards or meta["config"]["data"]["shards"])
+    model = build_model(meta)
+    model.load_state_dict(_load_safetensors(checkpoint / DENSE, prefix="weight/"))
+    text, has_id = load_item_text(shards, rows), load_popularity(shards, rows) > 0
+    tokens = read_item_rows(checkpoint, key=TOKEN_KEY) if model_cfg.get("item_text_tokens") else None
+    return (lambda a, b: compose_items(model, a, read_item_rows(checkpoint, a, b), text, has_id, tokens)), tokens
+
+
 def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=print) -> Path:
     """``lmrec checkpoint consolidate``: one fp32 safetensors file for the dense model and one for
     the full item table, plus the meta.json of a saved model (``lmrec eval --model OUT`` reads
@@ -579,20 +600,25 @@ def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=p
     meta = verify(checkpoint)
     rows = meta["vocab"]["items"]
     cols = meta["config"]["model"]["hidden_size"]
+    rows_of, tokens = checkpoint_items(checkpoint, meta)
+    tables = {"items": (np.float32, (rows, cols))}
+    if tokens is not None:
+        tables["text_tokens"] = (np.float32, tuple(tokens.shape))
     saved = {
         "config": meta["config"],
         "vocab": meta["vocab"],
+        "text": meta.get("text"),
         "step": meta["progress"]["step"],
         "source_checkpoint": str(checkpoint),
         "best_valid_ndcg10": meta["progress"]["best_ndcg"],
     }
     with atomic_output_dir(out, overwrite=True) as tmp:
         save_file(_load_safetensors(checkpoint / DENSE, prefix="weight/"), str(tmp / SAVED_DENSE))
-        with BlockWriter(
-            tmp / SAVED_ITEMS, {"items": (np.float32, (rows, cols))}, {"source": checkpoint.name}
-        ) as table:
+        with BlockWriter(tmp / SAVED_ITEMS, tables, {"source": checkpoint.name}) as table:
             for start in range(0, rows, block_rows):
-                table.write("items", start, read_item_rows(checkpoint, start, min(rows, start + block_rows)).numpy())
+                table.write("items", start, rows_of(start, min(rows, start + block_rows)).numpy())
+            if tokens is not None:
+                table.write("text_tokens", 0, tokens.numpy())
         write_json_atomic(tmp / SAVED_META, saved)
     log(f"consolidated {checkpoint} (step {saved['step']}) into {out}: {rows:,} x {cols} item table")
     return out

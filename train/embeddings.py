@@ -40,7 +40,9 @@ _OPTIMIZERS = {
 INIT_STD = 0.02
 
 
-def token_bags(offsets: torch.Tensor, token_ids: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_bags(
+    offsets: torch.Tensor, token_ids: torch.Tensor, items: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, lengths) of ``items`` from the CSR text tokens of the whole catalog."""
     starts, lengths = offsets[items], offsets[items + 1] - offsets[items]
     shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)

@@ -86,9 +86,11 @@ def evaluate(
         "popularity": popularity_metrics.compute(ks),
         "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=cfg.eval.bootstrap_samples),
     }
+    extra = {}
     if model.action_head is not None:
         probabilities, labels = _gather_cat(action_probabilities), _gather_cat(action_labels)
         result["action"] = binary_metrics(probabilities, labels)
+        extra = {"action_probability": probabilities.numpy(), "action_label": labels.numpy()}
     # Targets without training events (cold items, e.g. under --hold-out-items) apart from the rest.
     users, cold = _gather_cat(users).numpy(), _gather_cat(cold).numpy()
     if cold.any():
@@ -98,17 +100,17 @@ def evaluate(
             group.update(torch.from_numpy(ranks[chosen]))
             result[name] = group.compute(ks)
     if ranks_out is not None and (rank == 0):
-        _write_ranks(ranks_out, users, cold, model_metrics.ranks)
+        _write_ranks(ranks_out, users=users, cold=cold, ranks=model_metrics.ranks, **extra)
     return result
 
 
-def _write_ranks(path: Path, users, cold, ranks) -> None:
-    """Per-user test ranks, for paired comparisons between runs (benchmarks/text.py)."""
+def _write_ranks(path: Path, **arrays) -> None:
+    """Per-user test ranks (and action-head predictions), for paired comparisons between runs."""
     import numpy as np
 
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, users=users, cold=cold, ranks=ranks)
+        np.savez(f, **arrays)
     tmp.rename(path)
 
 

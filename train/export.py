@@ -19,8 +19,8 @@ from train.checkpoint import (
     DENSE,
     CheckpointError,
     _load_safetensors,
+    checkpoint_items,
     list_checkpoints,
-    read_item_rows,
     resolve,
     verify,
 )
@@ -31,8 +31,9 @@ class ExportError(ValueError):
     pass
 
 
-def _source(path: Path):
-    """(meta, dense fp32 numpy state, rows(start, stop) -> fp32 numpy, description, valid NDCG@10)."""
+def _source(path: Path, shards: Path | None):
+    """(meta, dense fp32 numpy state, rows(start, stop) -> fp32 numpy, text-token table or None,
+    description, valid NDCG@10)."""
     if path.name == "latest" and path.is_file():
         path = path.parent
     if path.is_dir() and not (path / DENSE).exists() and list_checkpoints(path):
@@ -41,10 +42,12 @@ def _source(path: Path):
         meta = verify(path)
         dense = {k: v.float().numpy() for k, v in _load_safetensors(path / DENSE, prefix="weight/").items()}
         step, valid = meta["progress"]["step"], meta["progress"]["best_ndcg"]
+        rows_of, tokens = checkpoint_items(path, meta, shards)
         return (
             meta,
             dense,
-            lambda a, b: read_item_rows(path, a, b).numpy(),
+            lambda a, b: rows_of(a, b).numpy(),
+            None if tokens is None else tokens.numpy(),
             {"checkpoint": str(path), "step": step},
             valid,
         )
@@ -57,7 +60,10 @@ def _source(path: Path):
         dense = {k: v.float().numpy() for k, v in _load_safetensors(path / SAVED_DENSE).items()}
         source = {"model": str(path), "step": meta.get("step")}
         rows = lambda a, b: read_rows(path / SAVED_ITEMS, "items", a, b).astype(np.float32)  # noqa: E731
-        return meta, dense, rows, source, meta.get("best_valid_ndcg10")
+        tokens = None
+        if meta["config"]["model"].get("item_text_tokens"):
+            tokens = _load_safetensors(path / SAVED_ITEMS)["text_tokens"].float().numpy()
+        return meta, dense, rows, tokens, source, meta.get("best_valid_ndcg10")
     raise ExportError(
         f"{path}: neither a training checkpoint (no {DENSE}) nor a consolidated model (no {SAVED_ITEMS} and "
         f"{SAVED_META}); pass a checkpoint directory such as RUN/checkpoints/step_000000120"
@@ -105,7 +111,7 @@ def export(
 ) -> Path:
     source, out = Path(source), Path(out)
     try:
-        meta, dense, rows_of, origin, valid_ndcg = _source(source)
+        meta, dense, rows_of, tokens, origin, valid_ndcg = _source(source, shards)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     config = meta["config"]
@@ -116,6 +122,7 @@ def export(
     artifact_config = {
         "model": model_cfg,
         "vocab": meta["vocab"],
+        "text": meta.get("text"),
         "actions": actions,
         "shards": str(shards),
         "evaluation": {
@@ -127,6 +134,8 @@ def export(
     try:
         with ArtifactWriter(out, quant, artifact_config, rows, dim, overwrite=overwrite) as writer:
             writer.write_dense(dense)
+            if tokens is not None:
+                writer.write_text_tokens(tokens)
             for start in range(0, rows, block_rows):
                 writer.write_items(start, rows_of(start, min(rows, start + block_rows)))
             writer.write_vocab(vocab_batches())

@@ -57,7 +57,9 @@ def load_pretrained(path: str | Path) -> Pretrained:
         meta = json.loads((path / SAVED_META).read_text())
         tables = load_file(str(path / SAVED_ITEMS))
         dense = load_file(str(path / SAVED_DENSE))
-        return Pretrained(str(path), meta["config"]["model"], meta["vocab"], meta.get("text"), dense, tables.get("text_tokens"))
+        return Pretrained(
+            str(path), meta["config"]["model"], meta["vocab"], meta.get("text"), dense, tables.get("text_tokens")
+        )
     from serve import artifact
 
     if (path / artifact.MANIFEST).exists():
@@ -93,7 +95,9 @@ def check_pretrained(pretrained: Pretrained, cfg: Config, text_spec: dict | None
             if source.get(what) != here.get(what):
                 problems.append(f"{what} of the item text: {source.get(what)} in the source, {here.get(what)} here")
     if problems:
-        raise ConfigError(f"--init-from {pretrained.source}: the model does not fit this config: " + "; ".join(problems))
+        raise ConfigError(
+            f"--init-from {pretrained.source}: the model does not fit this config: " + "; ".join(problems)
+        )
 
 
 @torch.no_grad()

@@ -16,7 +16,9 @@ def check_device(cfg: Config) -> None:
         )
 
 
-def main(config_path: str | None, overrides: list[str], resume: str | None = None, init_from: str | None = None) -> dict:
+def main(
+    config_path: str | None, overrides: list[str], resume: str | None = None, init_from: str | None = None
+) -> dict:
     cfg = load_config(config_path, overrides)  # every config error surfaces before any process group
     from data.shards import load_manifest
     from train.pretrained import check_pretrained, load_pretrained

@@ -242,8 +242,17 @@ class Trainer:
         if not cfg.uses_text:
             return id_part
         text = self.text.vectors[ids].to(device) if cfg.item_text else None
-        tokens = self.items.pool_tokens(*token_bags(self.text.token_offsets, self.text.token_ids, ids)) if cfg.item_text_tokens else None
-        return self.model.item_encoder(id_part, text, tokens, self.has_id[ids].to(device))
+        tokens = (
+            self.items.pool_tokens(*token_bags(self.text.token_offsets, self.text.token_ids, ids))
+            if cfg.item_text_tokens
+            else None
+        )
+        has_id = self.has_id[ids]
+        if cfg.item_id_dropout and torch.is_grad_enabled():
+            # The global generator: its state is in every checkpoint, so resuming stays exact.
+            keep = torch.rand(len(ids)) >= cfg.item_id_dropout
+            has_id = has_id & keep
+        return self.model.item_encoder(id_part, text, tokens, has_id.to(device))
 
     def full_table(self) -> torch.Tensor:
         """Every item's vector on every rank (evaluation and the saved model score against it)."""

@@ -1,0 +1,143 @@
+"""Items added to an artifact from their text alone: ``lmrec export ARTIFACT --add-items FILE``.
+
+A text-aware model places any item by its text: the new item's vector is the projection of its
+sentence-encoder vector plus its pooled text-token embeddings, with no ID part (it has no
+training events), exactly as training and evaluation treat an item without training events. The
+existing rows, dense weights and text table are copied unchanged, so the old items score as
+before; the result is a new artifact, verified and published atomically, that ``lmrec serve``
+loads or reloads like any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.text import TEXT_COLUMNS, YEAR_COLUMNS, HashedTokenizer, SentenceEncoder, build_text_features, item_text
+from model.modeling import pool_tokens
+from serve import artifact
+from serve.artifact import ArtifactError, ArtifactWriter
+from serve.recommender import Recommender
+
+ID_COLUMNS = ("item", "item_id", "raw_id")
+BLOCK_ROWS = 1 << 16
+
+
+def read_new_items(path: Path) -> tuple[list, list[str], list[str]]:
+    """(raw IDs, texts, titles) from a Parquet, CSV or JSON-lines file with an ``item`` (or
+    ``item_id`` / ``raw_id``) column and text columns (title, genres, description)."""
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"--add-items {path}: no such file")
+    readers = {".parquet": pq.read_table, ".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json}
+    if path.suffix not in readers:
+        raise ArtifactError(f"--add-items {path}: expected .parquet, .csv or .jsonl")
+    try:
+        table = readers[path.suffix](path)
+    except Exception as e:  # pyarrow raises several types for malformed files
+        raise ArtifactError(f"--add-items {path}: cannot be read ({e})") from None
+    id_column = next((c for c in ID_COLUMNS if c in table.column_names), None)
+    text_columns = [c for c in TEXT_COLUMNS if c in table.column_names]
+    if id_column is None or not text_columns:
+        raise ArtifactError(
+            f"--add-items {path}: needs an item ID column ({' or '.join(ID_COLUMNS)}) and text "
+            f"({', '.join(TEXT_COLUMNS)}); it has {table.column_names}"
+        )
+    years = [c for c in YEAR_COLUMNS if c in table.column_names]
+    rows = table.select([id_column, *text_columns, *years]).to_pylist()
+    ids, texts = [], []
+    for line, row in enumerate(rows, start=1):
+        if row[id_column] is None:
+            raise ArtifactError(f"--add-items {path}: row {line} has no {id_column}")
+        text = item_text(row)
+        if not text:
+            raise ArtifactError(f"--add-items {path}: row {line} (item {row[id_column]!r}) has no text")
+        ids.append(row[id_column])
+        texts.append(text)
+    if not ids:
+        raise ArtifactError(f"--add-items {path}: no items")
+    titles = [str(row.get("title") or "") for row in rows]
+    return ids, texts, titles
+
+
+@torch.no_grad()
+def text_item_vectors(rec: Recommender, texts: list[str], token_table: np.ndarray | None) -> np.ndarray:
+    """Vectors of items known by their text alone, in the artifact's model."""
+    spec, model = rec.config["text"], rec.model
+    encoder = SentenceEncoder()
+    if encoder.fingerprint != spec["encoder"]["fingerprint"]:
+        raise ArtifactError(
+            f"{rec.path}: the model was trained with text encoder {spec['encoder']}, the installed one is "
+            f"{encoder.name} ({encoder.fingerprint})"
+        )
+    features, _ = build_text_features(texts, HashedTokenizer.from_dict(spec["tokenizer"]), encoder)
+    n, dim = len(texts), model.cfg.hidden_size
+    tokens = None
+    if model.cfg.item_text_tokens:
+        tokens = pool_tokens(
+            torch.from_numpy(token_table),
+            torch.from_numpy(features.token_ids),
+            torch.from_numpy(features.token_offsets),
+        )
+    vectors = model.item_encoder(
+        torch.zeros(n, dim), torch.from_numpy(features.vectors), tokens, torch.zeros(n, dtype=torch.bool)
+    )
+    return vectors.numpy()
+
+
+def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False, log=print) -> Path:
+    import pyarrow as pa
+
+    source, out = Path(source), Path(out)
+    rec = Recommender.load(source)
+    if not rec.model.cfg.uses_text:
+        raise ArtifactError(
+            f"{source}: an ID-only model cannot place an item it was not trained on; train with model.item_text "
+            "or model.item_text_tokens to add items from text"
+        )
+    ids, texts, titles = read_new_items(items_file)
+    known = rec.vocab.indices(ids)
+    if (known >= 0).any():
+        repeated = [ids[i] for i in np.flatnonzero(known >= 0)[:5]]
+        raise ArtifactError(f"--add-items {items_file}: items already in {source}: {repeated}")
+    if len(set(map(str, ids))) != len(ids):
+        raise ArtifactError(f"--add-items {items_file}: an item ID appears more than once")
+    vectors = text_item_vectors(rec, texts, artifact.read_text_tokens(source))
+    _, config, _, stored, vocab = artifact.read(source, check=False)
+    old_rows, dim = config["items"]["rows"], config["items"]["dim"]
+    rows = old_rows + len(ids)
+    kept = {k: v for k, v in config.items() if k not in ("format", "format_version", "quant", "items")}
+    kept["vocab"] = {**config["vocab"], "items": rows}
+    raw_type = vocab.schema.field("raw_id").type
+    try:
+        new_vocab = pa.table(
+            {
+                "index": pa.array(np.arange(old_rows, rows), vocab.schema.field("index").type),
+                "raw_id": pa.array([int(i) if pa.types.is_integer(raw_type) else str(i) for i in ids], raw_type),
+                "count": pa.array(np.zeros(len(ids)), vocab.schema.field("count").type),
+            }
+            | ({"title": pa.array(titles, vocab.schema.field("title").type)} if "title" in vocab.column_names else {})
+        )
+    except (ValueError, pa.ArrowInvalid) as e:
+        raise ArtifactError(
+            f"--add-items {items_file}: item IDs do not match the artifact's ({raw_type}): {e}"
+        ) from None
+    with ArtifactWriter(out, config["quant"], kept, rows, dim, overwrite=overwrite) as writer:
+        for name in (artifact.MODEL, artifact.TEXT):
+            if (source / name).exists():
+                writer.copy_file(source / name)
+        for start in range(0, old_rows, BLOCK_ROWS):
+            writer.write_item_codes(start, {k: v[start : start + BLOCK_ROWS] for k, v in stored.items()})
+        writer.write_items(old_rows, vectors)
+        writer.write_vocab(pa.concat_tables([vocab.select(new_vocab.column_names), new_vocab]))
+        writer.manifest["source"] = {**(rec.manifest.get("source") or {}), "added_to": str(source)}
+        writer.manifest["metrics"] = rec.manifest.get("metrics")
+        writer.manifest["added_items"] = {"file": str(items_file), "items": len(ids)}
+    log(f"added {len(ids):,} items from text to {source} as {out} ({rows:,} rows)")
+    return out
