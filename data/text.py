@@ -36,9 +36,9 @@ _WORD = re.compile(r"\w+")
 def item_text(row: dict) -> str:
     """One line of text for an item: its title (with the year), genres/categories and description."""
     parts = []
+    year = next((str(row[c]).strip() for c in YEAR_COLUMNS if row.get(c)), "")
     for column in TEXT_COLUMNS:
         value = str(row.get(column) or "").replace("|", ", ").strip()
-        year = next((str(row[c]).strip() for c in YEAR_COLUMNS if row.get(c)), "")
         if column == "title" and value and year and year not in value:
             value = f"{value} ({year})"
         if value:
@@ -214,9 +214,10 @@ def build_text_features(
 ) -> tuple[ItemTextFeatures, int]:
     """Features of ``texts`` (one per row, "" for none), and how many texts were newly encoded."""
     encoder = encoder or SentenceEncoder()
-    vectors, encoded = (cache or TextVectorCache()).vectors(encoder, texts, progress)
     # An item without text gets a zero vector, not the encoding of "".
-    vectors[[i for i, t in enumerate(texts) if not t]] = 0.0
+    present = [i for i, t in enumerate(texts) if t]
+    vectors = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    vectors[present], encoded = (cache or TextVectorCache()).vectors(encoder, [texts[i] for i in present], progress)
     offsets, ids = tokenizer.encode_many(texts)
     return ItemTextFeatures(vectors, offsets, ids), encoded
 

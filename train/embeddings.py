@@ -19,7 +19,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import LazyAwaitable, ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 
 from train.distributed import ComputeEnv
@@ -164,7 +164,9 @@ class ItemEmbeddings:
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=[TOKEN_FEATURE], values=self._device_ids(token_ids), lengths=lengths.to(self.env.device, torch.int32)
         )
-        return self.module.module.tokens(features)[TOKEN_FEATURE]
+        pooled = self.module.module.tokens(features)
+        # A sharded module called directly hands back TorchRec's lazy awaitable: resolve it here.
+        return (pooled.wait() if isinstance(pooled, LazyAwaitable) else pooled)[TOKEN_FEATURE]
 
     def token_table(self) -> torch.Tensor:
         """The whole text-token table on every rank: each row pooled alone is the row itself."""
