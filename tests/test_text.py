@@ -245,6 +245,11 @@ def test_init_from_carries_the_backbone_and_refuses_a_mismatch(text_run, tmp_pat
     assert f"initialised from {run / 'best'}" in done.stdout
     assert "item ID rows start at zero" in done.stdout
     assert (tmp_path / "tuned" / "best" / "model.safetensors").exists()
+    # An int8 serving artifact works as a source too (its weights dequantized).
+    run_cli("export", run / "best", "--out", tmp_path / "art", "--no-eval")
+    done = run_cli("train", *base, "--set", f"output.dir={tmp_path / 'from-art'}", "--set", "schedule.max_steps=2",
+                   "--init-from", tmp_path / "art")  # fmt: skip
+    assert f"initialised from {tmp_path / 'art'}" in done.stdout
 
 
 def test_text_options_are_checked_in_one_line(tmp_path):
