@@ -6,6 +6,7 @@ walk-through of the command line. Everything lands in runs/demo/.
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 import shutil
@@ -62,7 +63,10 @@ def main() -> None:
     # Two movies released after MovieLens-100k was collected: no interactions, only text. The
     # served model places them by their text alone.
     new_items = RUN / "new-items.csv"
-    new_items.write_text("\n".join(["item,title,release_year,genres", *NEW_ITEMS]) + "\n")
+    with open(new_items, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(NEW_ITEMS[0]))
+        writer.writeheader()
+        writer.writerows(NEW_ITEMS)
     grown = RUN / "artifact-int8-new-items"
     lmrec("export", artifact, "--add-items", new_items, "--out", grown, "--overwrite")
     # Offline scoring of every user's history (the raw event file, as a TSV): who gets a new movie?
@@ -79,13 +83,12 @@ def user_recommended_a_new_item(scores: Path, events: Path) -> tuple[int, list[i
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    new = {int(line.split(",")[0]) for line in NEW_ITEMS}
+    new = {movie["item"] for movie in NEW_ITEMS}
     table = pq.read_table(scores).sort_by("user")
     chosen = [(u, items) for u, items in zip(table["user"].to_pylist(), table["items"].to_pylist()) if new & set(items)]
-    for item in sorted(new):
-        title = next(line.split(",")[1].strip('"') for line in NEW_ITEMS if int(line.split(",")[0]) == item)
-        count = sum(item in items for _, items in chosen)
-        print(f"{title} (new, text only) is in the top {K} of {count} of {table.num_rows} users")
+    for movie in NEW_ITEMS:
+        count = sum(movie["item"] in items for _, items in chosen)
+        print(f"{movie['title']} (new, text only) is in the top {K} of {count} of {table.num_rows} users")
     if not chosen:
         sys.exit(f"demo step failed: no user has a new movie among the {K} recommendations")
     user = chosen[0][0]
@@ -94,7 +97,10 @@ def user_recommended_a_new_item(scores: Path, events: Path) -> tuple[int, list[i
     return user, [item for _, item in mine]
 
 
-NEW_ITEMS = ['5001,"Star Wars: Episode I - The Phantom Menace",1999,Action Adventure Sci-Fi', "5002,Toy Story 2,1999,Animation Children's Comedy"]  # fmt: skip
+NEW_ITEMS = [
+    {"item": 5001, "title": "Star Wars: Episode I - The Phantom Menace", "release_year": 1999, "genres": "Action Adventure Sci-Fi"},
+    {"item": 5002, "title": "Toy Story 2", "release_year": 1999, "genres": "Animation Children's Comedy"},
+]  # fmt: skip
 K = 10
 
 
@@ -141,7 +147,7 @@ def serve_and_recommend(artifact: Path, user: int, history: list[int]) -> None:
         model = json.loads(urllib.request.urlopen(f"{url}/v1/model", timeout=30).read())
         print(f"\nModel {model['version']} ({model['quant']}), test NDCG@10 {model['metrics']['test']['NDCG@10']:.4f}.")
         print(f"Recommended for user {user}, whose last movies were {'; '.join(movie_titles(history[-5:]))}:")
-        new = {int(line.split(",")[0]) for line in NEW_ITEMS}
+        new = {movie["item"] for movie in NEW_ITEMS}
         for rank, (item, title, score) in enumerate(
             zip(answer["items"], answer["titles"], answer["scores"], strict=True), 1
         ):

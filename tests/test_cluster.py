@@ -2,6 +2,7 @@
 munge) and a real Prometheus scraping training ranks and a server. The packages are installed
 when missing; the tests skip, saying why, only where that is impossible."""
 
+import contextlib
 import json
 import os
 import re
@@ -243,12 +244,18 @@ def test_prometheus_scrapes_training_ranks_and_a_server(trained_run, artifacts, 
             "the request-latency histogram",
         )
         assert any(float(b["value"][1]) >= 5 for b in buckets if b["metric"]["le"] == "+Inf")
-        # Every metric the Grafana dashboard plots is one that Prometheus actually scraped.
-        scraped = {s["metric"]["__name__"] for s in _query(prometheus_port, "{__name__=~'lmrec_.+'}")}
+        # Every metric the Grafana dashboard plots is one that Prometheus actually scraped. The
+        # evaluation metrics appear with the first validation, which may come after the counters.
         dashboard = json.loads((ROOT / "launch" / "monitoring" / "grafana-dashboard.json").read_text())
         exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
         used = {m for e in exprs for m in re.findall(r"\blmrec_[a-z_]+", e)}
-        assert used and used <= scraped, used - scraped
+
+        def scraped():
+            return {s["metric"]["__name__"] for s in _query(prometheus_port, "{__name__=~'lmrec_.+'}")}
+
+        with contextlib.suppress(AssertionError):
+            _wait(lambda: used <= scraped(), 60, "every metric the dashboard plots")
+        assert used and used <= scraped(), used - scraped()
     finally:
         prometheus.terminate()
         training.send_signal(signal.SIGTERM)
