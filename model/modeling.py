@@ -49,6 +49,19 @@ class ItemEncoder(nn.Module):
             parts.append(token_part)
         return torch.stack([p.float() for p in parts]).sum(0)
 
+    def from_tables(
+        self,
+        id_rows: torch.Tensor,
+        text_vectors: torch.Tensor | None,
+        token_table: torch.Tensor | None,
+        token_ids: torch.Tensor | None,
+        token_offsets: torch.Tensor | None,
+        has_id: torch.Tensor,
+    ) -> torch.Tensor:
+        """Item vectors without TorchRec (export, serving): the token part pooled from a plain table."""
+        tokens = pool_tokens(token_table, token_ids, token_offsets) if self.cfg.item_text_tokens else None
+        return self(id_rows, text_vectors, tokens, has_id)
+
 
 def pool_tokens(table: torch.Tensor, token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Mean of each bag's rows of ``table``; bag i is token_ids[offsets[i]:offsets[i + 1]] (offsets

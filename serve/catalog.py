@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from data.text import TEXT_COLUMNS, YEAR_COLUMNS, HashedTokenizer, SentenceEncoder, build_text_features, item_text
-from model.modeling import pool_tokens
 from serve import artifact
 from serve.artifact import ArtifactError, ArtifactWriter
 from serve.recommender import Recommender
@@ -77,16 +76,14 @@ def text_item_vectors(rec: Recommender, texts: list[str], token_table: np.ndarra
             f"{encoder.name} ({encoder.fingerprint})"
         )
     features, _ = build_text_features(texts, HashedTokenizer.from_dict(spec["tokenizer"]), encoder)
-    n, dim = len(texts), model.cfg.hidden_size
-    tokens = None
-    if model.cfg.item_text_tokens:
-        tokens = pool_tokens(
-            torch.from_numpy(token_table),
-            torch.from_numpy(features.token_ids),
-            torch.from_numpy(features.token_offsets),
-        )
-    vectors = model.item_encoder(
-        torch.zeros(n, dim), torch.from_numpy(features.vectors), tokens, torch.zeros(n, dtype=torch.bool)
+    n = len(texts)
+    vectors = model.item_encoder.from_tables(
+        torch.zeros(n, model.cfg.hidden_size),
+        torch.from_numpy(features.vectors),
+        None if token_table is None else torch.from_numpy(token_table),
+        torch.from_numpy(features.token_ids),
+        torch.from_numpy(features.token_offsets),
+        torch.zeros(n, dtype=torch.bool),
     )
     return vectors.numpy()
 

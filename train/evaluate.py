@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from model.config import ModelConfig
-from model.modeling import SequenceRecommender, pool_tokens
+from model.modeling import SequenceRecommender
 from train.metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
 
 SAVED_META = "meta.json"
@@ -181,10 +181,14 @@ def compose_items(
     if not model.cfg.uses_text:
         return id_rows
     stop = start + len(id_rows)
-    tokens = None
-    if model.cfg.item_text_tokens:
-        tokens = pool_tokens(token_table, text.token_ids, text.token_offsets[start : stop + 1])
-    return model.item_encoder(id_rows, text.vectors[start:stop], tokens, has_id[start:stop])
+    return model.item_encoder.from_tables(
+        id_rows,
+        text.vectors[start:stop],
+        token_table,
+        text.token_ids,
+        text.token_offsets[start : stop + 1],
+        has_id[start:stop],
+    )
 
 
 def positive_actions(shards: str, num_actions: int, minimum: float) -> torch.Tensor:
