@@ -4,7 +4,9 @@ Every reader returns ``RawData``: an events frame with columns ``user``, ``item`
 source has them, ``ts`` (int64 seconds), ``action`` (string), ``weight`` (float); rows in source
 order, which breaks ties between equal timestamps. Optionally an items frame: ``item`` plus text
 columns (``title``, ``genres``, ``description``, ...). Bad rows fail with the file and line, or are
-dropped and counted under ``on_bad_rows="skip"``.
+dropped and counted under ``on_bad_rows="skip"``. In header-less line formats (SASRec, sequences,
+MovieLens) blank lines hold nothing and are skipped, and a line with the wrong number of fields is
+a bad row.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ class ColumnMap:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared validation: every reader lands here with string or numeric columns and a line offset.
+# Shared validation: every reader lands here with string or numeric columns and a line offset
+# or the line number of every row.
 
 
-def _where(path: Path, row: int, line_offset: int) -> str:
+def _where(path: Path, row: int, line_offset: int, lines: pl.Series | None) -> str:
+    if lines is not None:
+        return f"{path} line {lines[row]}"
     if line_offset < 0:
         return f"{path} row {row + 1}"
     return f"{path} line {row + 1 + line_offset}"
@@ -78,10 +83,13 @@ def normalise_events(
     path: Path,
     on_bad_rows: str,
     line_offset: int = 1,
+    lines: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """Rename ``columns`` (target -> source) and validate types. Returns the frame and the number
     of rows dropped. ``line_offset`` is the line number of the first row minus one (header lines);
-    -1 means the format has no lines and rows are counted instead."""
+    -1 means the format has no lines and rows are counted instead. ``lines``, where given, is the
+    line number of every row instead (for formats whose blank lines are skipped, or whose lines
+    hold many rows)."""
     if on_bad_rows not in ON_BAD_ROWS:
         raise DataError(f"--on-bad-rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     _check_columns(df, columns, path)
@@ -97,7 +105,7 @@ def normalise_events(
         if mask.any() and len(problems) < 5:
             row = int(mask.arg_true()[0])
             value = df[columns[column]][row]
-            problems.append(f"{_where(path, row, line_offset)}, column '{columns[column]}': {value!r} {what}")
+            problems.append(f"{_where(path, row, line_offset, lines)}, column '{columns[column]}': {value!r} {what}")
         bad = bad | mask
 
     out: dict[str, pl.Series] = {}
@@ -137,12 +145,15 @@ def normalise_events(
     n_bad = int(bad.sum())
     if n_bad:
         if on_bad_rows == "fail":
-            more = f" ({n_bad} bad rows in all; --on-bad-rows=skip drops them)"
-            raise DataError("; ".join(problems) + more)
+            raise _bad_rows_error(problems, n_bad)
         events = events.filter(~bad)
         if events.height == 0:
             raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
     return events, n_bad
+
+
+def _bad_rows_error(problems: list[str], n_bad: int) -> DataError:
+    return DataError("; ".join(problems) + f" ({n_bad} bad rows in all; --on-bad-rows=skip drops them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +169,23 @@ def _open_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def _line_at(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _undecodable_line(raw: bytes) -> str | None:
+    """Where ``raw`` stops being UTF-8 text, if it does (Polars only says that it does)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"line {_line_at(raw, e.start)} is not valid UTF-8 (byte {raw[e.start]:#04x})"
+    return None
+
+
 def _first_ragged_line(text: str, sep: str) -> str:
-    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    # Quote as Polars does in read_delimited (not at all in TSV): else a '"' opening a TSV field
+    # would swallow the lines after it here and hide the bad one.
+    reader = csv.reader(io.StringIO(text), delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
     width = None
     for lineno, row in enumerate(reader, start=1):
         if width is None:
@@ -169,24 +195,94 @@ def _first_ragged_line(text: str, sep: str) -> str:
     return "could not locate the bad line"
 
 
-def read_delimited(path: Path, sep: str, has_header: bool = True, names: list[str] | None = None) -> pl.DataFrame:
+def read_delimited(path: Path, sep: str) -> pl.DataFrame:
+    """A CSV or TSV file with a header line, every column a string."""
     raw = _open_bytes(path)
     try:
-        return pl.read_csv(
-            raw,
-            separator=sep,
-            has_header=has_header,
-            new_columns=names,
-            infer_schema=False,
-            quote_char='"' if sep != "\t" else None,
-        )
+        return pl.read_csv(raw, separator=sep, infer_schema=False, quote_char='"' if sep != "\t" else None)
     except pl.exceptions.NoDataError:
         raise DataError(f"{path}: empty file") from None
     except (pl.exceptions.ComputeError, pl.exceptions.ShapeError) as e:
-        where = _first_ragged_line(raw.decode("utf-8", errors="replace"), sep)
+        where = _undecodable_line(raw) or _first_ragged_line(raw.decode("utf-8"), sep)
         raise DataError(
             f"{path}: malformed {('TSV' if sep == chr(9) else 'CSV')}: {where} ({e.__class__.__name__})"
         ) from None
+
+
+def _read_lines(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
+    """The non-blank lines of a text file: ``line`` (its number, from 1) and ``text``."""
+    raw = _open_bytes(path)
+    if encoding != "utf-8" and not raw.isascii():  # Polars reads UTF-8 only; ASCII already is
+        raw = raw.decode(encoding).encode("utf-8")
+    try:
+        # One column: no byte of a text file is NUL, and without quoting every line is one row,
+        # empty lines included (as nulls), so row numbers are line numbers.
+        lines = pl.read_csv(
+            raw, separator="\0", has_header=False, new_columns=["text"], quote_char=None, infer_schema=False
+        )
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{path}: empty file") from None
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:
+        nul = raw.find(b"\0")
+        where = _undecodable_line(raw) or (
+            f"line {_line_at(raw, nul)} holds a NUL byte (not a text file?)" if nul >= 0 else str(e)
+        )
+        raise DataError(f"{path}: {where}") from None
+    return lines.with_row_index("line", offset=1).filter(pl.col("text").str.contains(r"\S"))
+
+
+def _split_fields(text: pl.Series, sep: str | None) -> pl.Series:
+    """Each line's fields, split at ``sep`` or, for None, at runs of whitespace."""
+    if sep is not None:
+        return text.str.split(sep)
+    # Splitting at single spaces is several times faster than the regular expression and gives
+    # the same fields unless a line has other whitespace, repeated, leading or trailing.
+    if text.str.contains(r"\s\s|^\s|\s$|[^\S ]").any():
+        return text.str.extract_all(r"\S+")
+    return text.str.split(" ")
+
+
+def _drop_bad_lines(
+    path: Path, fields: pl.DataFrame, bad: pl.Series, expected: str, on_bad_rows: str | None
+) -> tuple[pl.DataFrame, int]:
+    """Fails on the lines marked ``bad`` (naming the first few and their field counts), or with
+    ``on_bad_rows="skip"`` drops and counts them. ``on_bad_rows=None``: metadata, always fails."""
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return fields, 0
+    first = fields.filter(bad).head(5).select("line", n=pl.col("fields").list.len())
+    problems = [
+        f"{path} line {line}: expected {expected}, got {n} field{'' if n == 1 else 's'}"
+        for line, n in first.iter_rows()
+    ]
+    if on_bad_rows is None:
+        raise DataError("; ".join(problems))
+    if on_bad_rows != "skip":
+        raise _bad_rows_error(problems, n_bad)
+    kept = fields.filter(~bad)
+    if kept.height == 0:
+        raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
+    return kept, n_bad
+
+
+def read_records(
+    path: Path, names: list[str], sep: str | None = None, encoding: str = "utf-8", on_bad_rows: str | None = None
+) -> tuple[pl.DataFrame, int]:
+    """A header-less file of one record a line, fields separated by ``sep`` (None: whitespace), as
+    string columns ``names`` plus ``line``; and the number of bad lines dropped. A line with
+    another number of fields is bad (see _drop_bad_lines for ``on_bad_rows``)."""
+    lines = _read_lines(path, encoding)
+    fields = lines.select("line", fields=_split_fields(lines["text"], sep))
+    separated = "whitespace" if sep is None else repr(sep)
+    listed = f" ({' '.join(names)})" if len(names) <= 4 else ""
+    fields, bad = _drop_bad_lines(
+        path,
+        fields,
+        fields["fields"].list.len() != len(names),
+        f"{len(names)} fields{listed} separated by {separated}",
+        on_bad_rows,
+    )
+    return fields.select("line", *(pl.col("fields").list.get(i).alias(name) for i, name in enumerate(names))), bad
 
 
 def read_jsonl(path: Path, loads=json.loads) -> pl.DataFrame:
@@ -259,19 +355,6 @@ def read_events(
     return RawData(events, inputs=[Path(path)], bad_rows=bad)
 
 
-def _read_latin1_records(path: Path, sep: str, n_fields: int) -> list[list[str]]:
-    rows = []
-    text = _open_bytes(path).decode("latin-1")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split(sep)
-        if len(parts) < n_fields:
-            raise DataError(f"{path} line {lineno}: expected {n_fields} fields separated by {sep!r}, got {len(parts)}")
-        rows.append(parts[:n_fields])
-    return rows
-
-
 def read_movielens_items(path: Path) -> pl.DataFrame:
     """``movies.dat`` (``id::title::genres``) or ml-100k ``u.item`` (``id|title|date|url|19 flags``),
     both latin-1. Titles keep their year, e.g. "Toy Story (1995)"."""
@@ -282,14 +365,12 @@ def read_movielens_items(path: Path) -> pl.DataFrame:
             "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
             "Thriller", "War", "Western",
         ]  # fmt: skip
-        rows = _read_latin1_records(path, "|", 24)
-        items = [r[0] for r in rows]
-        titles = [r[1] for r in rows]
-        genres = ["|".join(g for g, flag in zip(genre_names, r[5:24]) if flag == "1") for r in rows]
+        rows, _ = read_records(path, ["item", "title", "date", "video_date", "url", *genre_names], "|", "latin-1")
+        flagged = [pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in genre_names]
+        rows = rows.with_columns(genres=pl.concat_str(flagged, separator="|", ignore_nulls=True))
     else:
-        rows = _read_latin1_records(path, "::", 3)
-        items, titles, genres = ([r[i] for r in rows] for i in range(3))
-    return pl.DataFrame({"item": _id_column(pl.Series(items)), "title": titles, "genres": genres})
+        rows, _ = read_records(path, ["item", "title", "genres"], "::", "latin-1")
+    return pl.DataFrame({"item": _id_column(rows["item"]), "title": rows["title"], "genres": rows["genres"]})
 
 
 def read_movielens(path: Path, on_bad_rows: str = "fail") -> RawData:
@@ -304,17 +385,16 @@ def read_movielens(path: Path, on_bad_rows: str = "fail") -> RawData:
         ratings = found[0]
     names = ["user_id", "item_id", "rating", "timestamp"]
     if ratings.name == "u.data":
-        df = read_delimited(ratings, "\t", has_header=False, names=names)
+        df, bad_lines = read_records(ratings, names, "\t", on_bad_rows=on_bad_rows)
         item_file = ratings.parent / "u.item"
     else:
-        rows = _read_latin1_records(ratings, "::", 4)
-        df = pl.DataFrame(rows, schema=names, orient="row") if rows else pl.DataFrame(schema=names)
+        df, bad_lines = read_records(ratings, names, "::", "latin-1", on_bad_rows)
         item_file = ratings.parent / "movies.dat"
     mapping = {"user": "user_id", "item": "item_id", "ts": "timestamp", "rating": "rating"}
-    events, bad = normalise_events(df, mapping, ratings, on_bad_rows, line_offset=0)
+    events, bad = normalise_events(df, mapping, ratings, on_bad_rows, lines=df["line"])
     items = read_movielens_items(item_file) if item_file.exists() else None
     inputs = [ratings] + ([item_file] if items is not None else [])
-    return RawData(events, items, inputs, bad)
+    return RawData(events, items, inputs, bad_lines + bad)
 
 
 def read_sasrec(
@@ -323,15 +403,15 @@ def read_sasrec(
     """SASRec ``user item`` lines, each user's lines in time order; no timestamps or ratings.
     ``item_map`` (``sasrec_id original_id`` lines) and ``items`` (MovieLens movies.dat) attach text."""
     path = Path(path)
-    df = read_delimited(path, " ", has_header=False, names=["user_id", "item_id"])
-    events, bad = normalise_events(df, {"user": "user_id", "item": "item_id"}, path, on_bad_rows, line_offset=0)
+    df, bad_lines = read_records(path, ["user", "item"], on_bad_rows=on_bad_rows)
+    events, bad = normalise_events(df, {"user": "user", "item": "item"}, path, on_bad_rows, lines=df["line"])
     inputs = [path]
     item_table = None
     if items is not None:
         item_table = read_movielens_items(Path(items))
         inputs.append(Path(items))
         if item_map is not None:
-            mapping = read_delimited(Path(item_map), " ", has_header=False, names=["item", "original"])
+            mapping, _ = read_records(Path(item_map), ["item", "original"])
             mapping = mapping.select(_id_column(mapping["item"]), _id_column(mapping["original"]))
             item_table = mapping.join(item_table.rename({"item": "original"}), on="original", how="left").drop(
                 "original"
@@ -339,7 +419,22 @@ def read_sasrec(
             inputs.append(Path(item_map))
     elif item_map is not None:
         raise DataError("--item-map needs --items (the movies.dat that the mapped ids refer to)")
-    return RawData(events, item_table, inputs, bad)
+    return RawData(events, item_table, inputs, bad_lines + bad)
+
+
+def read_sequences(path: Path, on_bad_rows: str = "fail") -> RawData:
+    """One user a line, ``user item1 item2 ...``, whitespace-separated, items in time order; no
+    timestamps, so the order of the events is time. A line with a user and no items is a bad row;
+    a user on several lines keeps all of them, in file order."""
+    path = Path(path)
+    lines = _read_lines(path)
+    fields = lines.select("line", fields=_split_fields(lines["text"], None))
+    fields, bad_lines = _drop_bad_lines(
+        path, fields, fields["fields"].list.len() < 2, "a user and at least one item", on_bad_rows
+    )
+    df = fields.select("line", user=pl.col("fields").list.first(), item=pl.col("fields").list.slice(1)).explode("item")
+    events, bad = normalise_events(df, {"user": "user", "item": "item"}, path, on_bad_rows, lines=df["line"])
+    return RawData(events, inputs=[path], bad_rows=bad_lines + bad)
 
 
 def _recbole_frame(path: Path) -> pl.DataFrame:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-SOURCES = ("events", "sasrec", "movielens", "recbole", "amazon", "synthetic")
+SOURCES = ("events", "sasrec", "sequences", "movielens", "recbole", "amazon", "synthetic")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -39,6 +39,8 @@ def _read_source(args):
         return readers.read_events(args.input, columns, args.format, args.on_bad_rows)
     if args.source == "sasrec":
         return readers.read_sasrec(args.input, args.item_map, args.items, args.on_bad_rows)
+    if args.source == "sequences":
+        return readers.read_sequences(args.input, args.on_bad_rows)
     if args.source == "movielens":
         return readers.read_movielens(args.input, args.on_bad_rows)
     if args.source == "recbole":

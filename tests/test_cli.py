@@ -63,6 +63,54 @@ def test_bad_input_is_a_clear_error_without_traceback_and_without_output(tmp_pat
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["log.csv"]
 
 
+@pytest.mark.parametrize(
+    ("source", "content", "message"),
+    [
+        # The first line's three fields used to escape as a Polars SchemaError traceback.
+        (
+            "sasrec",
+            "1 1 3\n1 2\n",
+            "ml.txt line 1: expected 2 fields (user item) separated by whitespace, got 3 fields",
+        ),
+        (
+            "sasrec",
+            "1 1\n1 2 3\n",
+            "ml.txt line 2: expected 2 fields (user item) separated by whitespace, got 3 fields",
+        ),
+        ("sequences", "1 5 6\n2\n", "ml.txt line 2: expected a user and at least one item, got 1 field"),
+    ],
+)
+def test_bad_line_in_a_whitespace_separated_file_is_a_clear_error(tmp_path, source, content, message):
+    path = tmp_path / "ml.txt"
+    path.write_text(content)
+    out = tmp_path / "shards"
+    done = run_cli("data", "prepare", "--source", source, "--input", path, "--out", out, "--quiet", check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("lmrec: error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ml.txt"]
+
+
+def test_prepare_sequences_gives_the_shards_of_the_equivalent_sasrec_file(tmp_path):
+    histories = {u: [(u * 7 + k) % 30 + 1 for k in range(3 + u % 5)] for u in range(1, 41)}
+    sequences, pairs = tmp_path / "seq.txt", tmp_path / "pairs.txt"
+    sequences.write_text("".join(f"{u} {' '.join(map(str, items))}\n" for u, items in histories.items()) + "41\n")
+    pairs.write_text("".join(f"{u} {i}\n" for u, items in histories.items() for i in items))
+    common = ["--samples-per-shard", 16, "--quiet"]
+    done = run_cli(
+        "data", "prepare", "--source", "sequences", "--input", sequences, "--out", tmp_path / "a",
+        "--on-bad-rows", "skip", *common,
+    )  # fmt: skip
+    assert "dropped bad rows  1" in done.stdout
+    run_cli("data", "prepare", "--source", "sasrec", "--input", pairs, "--out", tmp_path / "b", *common)
+    a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
+    assert a["source"]["name"] == "sequences"
+    assert (a["counts"]["users"], a["counts"]["events"]) == (40, sum(map(len, histories.values())))
+    assert a["features"] == ["item"] and len(a["shards"]) == 3
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert run_cli("data", "inspect", tmp_path / "a", "--verify").returncode == 0
+
+
 def test_skip_bad_rows_reports_them(tmp_path):
     csv = tmp_path / "log.csv"
     csv.write_text("user_id,item_id,timestamp\n1,2,3\n1,3,4\n1,4,oops\n1,5,6\n")

@@ -191,9 +191,18 @@ def test_dedup_and_k_core(tmp_path):
 
 
 def test_same_input_gives_identical_shards(tmp_path, synthetic):
-    a = _prepare(synthetic, tmp_path / "a")
-    b = _prepare(synthetic, tmp_path / "b", workers=1)
-    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    # Several shards, so that the worker pool writes them (one shard is written in-process).
+    runs = {"a": 2, "b": 3, "serial": 1}
+    manifests = {
+        name: _prepare(synthetic, tmp_path / name, samples_per_shard=40, workers=n) for name, n in runs.items()
+    }
+    contents = {
+        name: [(s["name"], (tmp_path / name / s["name"]).read_bytes()) for s in manifest["shards"]]
+        for name, manifest in manifests.items()
+    }
+    assert len(contents["a"]) == 8
+    assert contents["a"] == contents["b"] == contents["serial"]
+    assert manifests["a"]["shards"] == manifests["b"]["shards"] == manifests["serial"]["shards"]
 
 
 def test_synthetic_generation_is_deterministic():

@@ -13,6 +13,7 @@ from data.readers import (
     read_movielens,
     read_recbole,
     read_sasrec,
+    read_sequences,
 )
 
 CSV = "user_id,item_id,timestamp,rating\nu1,10,100,5\nu1,11,200,3.5\nu2,10,150,4\n"
@@ -114,10 +115,177 @@ def test_sasrec_with_titles(tmp_path):
     assert titles == {1: "Raiders of the Lost Ark (1981)", 2: "Café (1995)"}
 
 
-def test_sasrec_bad_line(tmp_path):
-    (tmp_path / "ml.txt").write_text("1 1\n1 2 3\n")
-    with pytest.raises(DataError, match=r"ml\.txt: malformed .*line 2 has 3 fields"):
-        read_sasrec(tmp_path / "ml.txt")
+MOVIES = "1::Heat (1995)::Action\n"
+U_ITEM = "7|Heat (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 19) + "\n"
+
+
+def _sasrec(directory):
+    return read_sasrec(directory / "ml.txt")
+
+
+def _sasrec_with_map(directory):
+    return read_sasrec(directory / "ml.txt", directory / "map.txt", directory / "movies.dat")
+
+
+def _csv(directory):
+    return read_events(directory / "e.csv")
+
+
+@pytest.mark.parametrize(
+    ("files", "read", "pattern"),
+    [
+        # A first line of another width escaped as a Polars SchemaError: Polars took its width as the file's.
+        pytest.param(
+            {"ml.txt": "1 1 3\n1 2\n"},
+            _sasrec,
+            r"ml\.txt line 1: expected 2 fields \(user item\) separated by whitespace, got 3 fields",
+            id="sasrec-first-line-too-long",
+        ),
+        pytest.param(
+            {"ml.txt": "1\n1 2\n"},
+            _sasrec,
+            r"ml\.txt line 1: expected 2 fields .*, got 1 field \(",
+            id="sasrec-first-line-short",
+        ),
+        pytest.param(
+            {"ml.txt": "1 1\n1 2 3\n2 1\n2\n"},
+            _sasrec,
+            r"ml\.txt line 2: .*got 3 fields; .*ml\.txt line 4: .*got 1 field \(2 bad rows in all; --on-bad-rows=skip",
+            id="sasrec-later-lines",
+        ),
+        pytest.param(
+            {"ml.txt": "1 1\n", "map.txt": "1 1 extra\n", "movies.dat": MOVIES},
+            _sasrec_with_map,
+            r"map\.txt line 1: expected 2 fields \(item original\) separated by whitespace, got 3 fields$",
+            id="item-map",
+        ),
+        pytest.param(
+            {"u.data": "1\t2\t3\t4\t5\n"},
+            read_movielens,
+            r"u\.data line 1: expected 4 fields \(user_id item_id rating timestamp\) separated by '\\t', got 5 fields",
+            id="u.data",
+        ),
+        # Extra fields were cut off silently.
+        pytest.param(
+            {"ratings.dat": "1::2::3::4\n\n1::2::3::4::5\n"},
+            read_movielens,
+            r"ratings\.dat line 3: expected 4 fields .* separated by '::', got 5 fields",
+            id="ratings.dat",
+        ),
+        pytest.param(
+            {"ratings.dat": "1::2::3::4\n", "movies.dat": "1::Heat (1995)::Action::extra\n"},
+            read_movielens,
+            r"movies\.dat line 1: expected 3 fields \(item title genres\) separated by '::', got 4 fields$",
+            id="movies.dat",
+        ),
+        pytest.param(
+            {"u.data": "1\t7\t3\t4\n", "u.item": U_ITEM.replace("|", "", 1)},
+            read_movielens,
+            r"u\.item line 1: expected 24 fields separated by '\|', got 23 fields$",
+            id="u.item",
+        ),
+        pytest.param(
+            {"x.inter": "user_id:token\titem_id:token\n1\t2\n1\t2\t3\n"},
+            read_recbole,
+            r"x\.inter: malformed TSV: line 3 has 3 fields, the header has 2",
+            id="recbole",
+        ),
+        pytest.param(
+            {"x.inter": 'user_id:token\titem_id:token\n1\t"5\n1\t2\t3\n'},
+            read_recbole,
+            r"x\.inter: malformed TSV: line 3 has 3 fields, the header has 2",
+            id="recbole-quote-is-no-quote-in-tsv",
+        ),
+        pytest.param(
+            {"ml.txt": "1 1\n1 \xff\n"},
+            _sasrec,
+            r"ml\.txt: line 2 is not valid UTF-8 \(byte 0xff\)",
+            id="sasrec-not-utf8",
+        ),
+        pytest.param(
+            {"e.csv": "user_id,item_id\n1,2\n1,\xff\n"},
+            _csv,
+            r"e\.csv: malformed CSV: line 3 is not valid UTF-8",
+            id="csv-not-utf8",
+        ),
+        pytest.param({"ml.txt": "1 1\n1\x002\n"}, _sasrec, r"ml\.txt: line 2 holds a NUL byte", id="sasrec-nul-byte"),
+    ],
+)
+def test_malformed_lines_name_the_file_and_line(tmp_path, files, read, pattern):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=pattern):
+        read(tmp_path)
+
+
+def test_bad_lines_are_skipped_and_counted_with_their_line_numbers(tmp_path):
+    (tmp_path / "ml.txt").write_text("1 1\n1 2 3\n2 5\n2\n")
+    raw = read_sasrec(tmp_path / "ml.txt", on_bad_rows="skip")
+    assert raw.bad_rows == 2
+    assert raw.events.rows() == [(1, 1), (2, 5)]
+    # Blank lines are skipped without shifting the line numbers of later lines.
+    (tmp_path / "ratings.dat").write_text("\n1::2::3::4\n\n1::x::3::y\n")
+    with pytest.raises(DataError, match=r"ratings\.dat line 4, column 'timestamp': 'y' is not a numeric"):
+        read_movielens(tmp_path / "ratings.dat")
+    (tmp_path / "ratings.dat").write_text("\n1::2::3::4\n\n1::2::3::4::5\n")
+    raw = read_movielens(tmp_path / "ratings.dat", on_bad_rows="skip")
+    assert raw.bad_rows == 1 and raw.events.height == 1
+    (tmp_path / "all_bad.txt").write_text("1 2 3\n4\n")
+    with pytest.raises(DataError, match=r"all_bad\.txt: every row is invalid \(2 rows\); first problem: .*line 1"):
+        read_sasrec(tmp_path / "all_bad.txt", on_bad_rows="skip")
+
+
+def test_whitespace_separated_files_accept_any_whitespace_and_blank_lines(tmp_path):
+    (tmp_path / "plain.txt").write_text("1 10\n1 11\n2 10\n")
+    (tmp_path / "ragged.txt").write_text("\n1  10\n  1\t11 \r\n\n \n2 10\n")
+    plain, ragged = (read_sasrec(tmp_path / name).events for name in ("plain.txt", "ragged.txt"))
+    assert plain.rows() == [(1, 10), (1, 11), (2, 10)]
+    assert ragged.equals(plain)
+
+
+def test_sequences_give_the_same_events_as_the_equivalent_sasrec_file(tmp_path):
+    histories = {3: [7, 5, 7, 9], 1: [5], 2: [9, 8]}
+    (tmp_path / "seq.txt").write_text("".join(f"{u} {' '.join(map(str, items))}\n" for u, items in histories.items()))
+    (tmp_path / "pairs.txt").write_text("".join(f"{u} {i}\n" for u, items in histories.items() for i in items))
+    sequences = read_sequences(tmp_path / "seq.txt")
+    assert sequences.events.equals(read_sasrec(tmp_path / "pairs.txt").events)
+    assert sequences.events.rows() == [(u, i) for u, items in histories.items() for i in items]
+    assert sequences.events.schema == {"user": pl.Int64, "item": pl.Int64}
+    assert sequences.inputs == [tmp_path / "seq.txt"] and sequences.bad_rows == 0
+
+
+def test_sequences_string_ids_blank_lines_and_repeated_users(tmp_path):
+    (tmp_path / "seq.txt").write_text("\nalice  B01\tB02 \n\nbob B02\nalice B03\n\n")
+    events = read_sequences(tmp_path / "seq.txt").events
+    # A user on two lines keeps both in file order; prepare's stable sort joins them.
+    assert events.rows() == [("alice", "B01"), ("alice", "B02"), ("bob", "B02"), ("alice", "B03")]
+
+
+@pytest.mark.parametrize(
+    ("content", "on_bad_rows", "pattern"),
+    [
+        (
+            "1 2 3\n\n2\n3 4\n",
+            "fail",
+            r"s\.txt line 3: expected a user and at least one item, got 1 field \(1 bad rows in all; --on-bad",
+        ),
+        ("1\n2\n", "skip", r"s\.txt: every row is invalid \(2 rows\)"),
+        ("", "fail", r"s\.txt: empty file"),
+        ("\n \n", "fail", r"s\.txt: no events"),
+        ("1 2\n\xff 3\n", "fail", r"s\.txt: line 2 is not valid UTF-8"),
+    ],
+)
+def test_sequences_bad_files(tmp_path, content, on_bad_rows, pattern):
+    (tmp_path / "s.txt").write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=pattern):
+        read_sequences(tmp_path / "s.txt", on_bad_rows=on_bad_rows)
+
+
+def test_sequences_skip_a_user_without_items(tmp_path):
+    (tmp_path / "s.txt").write_text("1 2 3\n2\n3 4\n")
+    raw = read_sequences(tmp_path / "s.txt", on_bad_rows="skip")
+    assert raw.bad_rows == 1
+    assert raw.events.rows() == [(1, 2), (1, 3), (3, 4)]
 
 
 def test_movielens_1m_and_100k_layouts(tmp_path):
