@@ -1,7 +1,7 @@
 from setuptools import setup
 
 # The top-level folders are the import packages themselves (`from data.shards import ...`).
-PACKAGES = ["data", "model", "train", "serve", "launch"]
+PACKAGES = ["data", "model", "metrics", "train", "serve", "launch"]
 
 setup(
     name="lmrec",

@@ -95,7 +95,7 @@ def _per_user(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def compare(a: Path, b: Path, group: str | None = None) -> dict:
     """b - a on HR@10 and NDCG@10, over all users or the cold / warm group, paired by user."""
-    from train.metrics import paired_bootstrap
+    from metrics import paired_bootstrap
 
     out = {}
     for metric in ("HR@10", "NDCG@10"):
@@ -119,7 +119,7 @@ def compare_head(a: Path, b: Path) -> dict:
     """The rating head's metrics for both, and b - a with paired bootstrap intervals over users."""
     import torch
 
-    from train.metrics import binary_metrics
+    from metrics import binary_metrics
 
     runs = [_per_user(p, "HR@10")[2] for p in (a, b)]
     labels = runs[0]["action_label"]

@@ -13,6 +13,20 @@ from tests.conftest import ROOT
 RULES = {
     "data": ["model", "train", "serve", "launch", "deepspeed", "torchrec", "transformers"],
     "model": ["data", "train", "serve", "launch", "deepspeed", "torchrec", "webdataset", "polars"],
+    # train and serve both import it, so it may depend on neither: numpy and torch only.
+    "metrics": [
+        "data",
+        "model",
+        "train",
+        "serve",
+        "launch",
+        "deepspeed",
+        "torchrec",
+        "transformers",
+        "webdataset",
+        "polars",
+        "pyarrow",
+    ],
     "serve": ["train", "launch", "deepspeed", "torchrec", "webdataset", "polars", "duckdb"],
     "launch": ["train", "deepspeed", "torchrec"],  # the CLI imports train lazily, inside subcommands
 }

@@ -1,22 +1,29 @@
-"""Evaluation metrics against hand-computed values, and the all-gather across real gloo ranks."""
+"""Evaluation metrics against hand-computed values, top-K ranks against full-matrix ranks, and the
+all-gather across real gloo ranks."""
 
 import json
 import math
-import socket
+import sys
 from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from train.metrics import (
+from metrics import (
+    DEFAULT_KS,
     RankingMetrics,
     binary_metrics,
     paired_bootstrap,
     popularity_scores,
+    ranks_from_top_k,
     seen_mask,
     target_ranks,
 )
+from tests.conftest import free_port
 
 # Columns 0 and 1 are padding / unknown: high scores there must never count.
 SCORES = torch.tensor(
@@ -102,9 +109,131 @@ def test_ranking_metrics_by_hand():
 
     empty = RankingMetrics().compute(ks=(10,))
     assert empty["users"] == 0 and math.isnan(empty["HR@10"])
-    # Without a process group gather() changes nothing.
-    metrics.gather()
-    assert metrics.compute() == result
+    default_names = {f"{m}@{k}" for k in DEFAULT_KS for m in ("HR", "NDCG")} | {"MRR", "users"}
+    assert set(RankingMetrics().compute()) == default_names
+
+
+def test_gather_in_a_single_process_group(monkeypatch):
+    metrics = RankingMetrics()
+    metrics.update(torch.tensor([0, 2, 9]))
+    before = metrics.compute()
+    if sys.platform == "linux":  # as in _gather_worker: gloo must not pick an interface it cannot reach
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=60)
+    )
+    try:
+        metrics.gather()
+        metrics.gather()  # a second gather must not add the users again
+    finally:
+        dist.destroy_process_group()
+    assert metrics.ranks.tolist() == [0, 2, 9] and metrics.compute() == before
+    # Only a gather that really ran closes the accumulator: a no-op would still accept updates.
+    with pytest.raises(RuntimeError):
+        metrics.update(torch.tensor([1]))
+
+
+def test_ranks_from_top_k_by_hand():
+    inf = math.inf
+    top_items = torch.tensor(
+        [
+            [7, 3, 5, 9],  # target 3 second, strictly above 5 -> exact rank 1
+            [7, 3, 5, 9],  # target 5 ties with 3 -> 3 counts ahead (pessimistic), 9 is lower -> 2
+            [7, 3, 5, 9],  # target 9 is last: candidates beyond the list may tie -> only >= 3
+            [7, 3, 5, 9],  # target 4 is not in the list -> only >= 3
+            [4, 6, 0, 0],  # two real candidates, then -inf padding: target 6 is exact at 1
+            [4, 6, 8, 0],  # target 8 is -inf, indistinguishable from padding -> 3
+        ]
+    )
+    top_scores = torch.tensor(
+        [
+            [4.0, 3.0, 2.0, 1.0],
+            [4.0, 2.0, 2.0, 1.0],
+            [4.0, 3.0, 2.0, 1.0],
+            [4.0, 3.0, 2.0, 1.0],
+            [4.0, 3.0, -inf, -inf],
+            [4.0, 3.0, -inf, -inf],
+        ]
+    )
+    targets = torch.tensor([3, 5, 9, 4, 6, 8])
+    assert ranks_from_top_k(top_items, top_scores, targets).tolist() == [1, 2, 3, 3, 1, 3]
+    # Ties reaching the last entry may continue beyond the list, so the rank is only >= L - 1.
+    tied = ranks_from_top_k(torch.tensor([[7, 3, 5]]), torch.tensor([[4.0, 2.0, 2.0]]), torch.tensor([3]))
+    assert tied.tolist() == [2]
+    with pytest.raises(ValueError, match="NaN"):  # torch.topk ranks NaN first; the caller must map it to -inf
+        ranks_from_top_k(top_items[:1], torch.tensor([[math.nan, 3.0, 2.0, 1.0]]), targets[:1])
+    with pytest.raises(ValueError, match="K \\+ 1"):
+        ranks_from_top_k(top_items[:, :1], top_scores[:, :1], targets)
+
+
+def test_truncated_ranking_metrics():
+    full, truncated = RankingMetrics(), RankingMetrics(max_rank=10)
+    for metrics in (full, truncated):
+        metrics.update(torch.tensor([0, 2, 9, 10, 60]))
+    # Ranks at or past max_rank are only known to be >= max_rank, and are stored as such.
+    assert truncated.ranks.tolist() == [0, 2, 9, 10, 10]
+    result = truncated.compute(ks=(1, 5, 10))
+    # HR and NDCG up to max_rank are the full ranks' values; the full MRR is replaced by MRR@10.
+    expected = full.compute(ks=(1, 5, 10))
+    del expected["MRR"]
+    expected["MRR@10"] = (1 + 1 / 3 + 1 / 10) / 5  # ranks 10 and 60 contribute 0
+    assert result == pytest.approx(expected)
+    assert truncated.per_user("MRR@10").tolist() == full.per_user("MRR@10").tolist()
+    with pytest.raises(ValueError, match="12 candidates"):
+        truncated.compute(ks=(11,))
+    with pytest.raises(ValueError, match="MRR@10"):
+        truncated.per_user("MRR")
+    with pytest.raises(ValueError):  # uncertified cut-offs raise even without users
+        RankingMetrics(max_rank=10).compute()
+    with pytest.raises(ValueError):
+        RankingMetrics(max_rank=0)
+
+
+@st.composite
+def _ranking_problems(draw):
+    """Scores with many ties (a few small integers), +-inf and NaN, random exclusions, reserved
+    columns, and a list length L = K + 1 up to the whole catalogue."""
+    reserved = draw(st.integers(0, 2))
+    num_items = draw(st.integers(reserved + 2, 12))
+    batch = draw(st.integers(1, 6))
+    values = st.sampled_from([0.0, 1.0, 2.0, 3.0, math.inf, -math.inf, math.nan])
+    scores = torch.tensor(
+        draw(st.lists(st.lists(values, min_size=num_items, max_size=num_items), min_size=batch, max_size=batch))
+    )
+    exclude = torch.tensor(
+        draw(st.lists(st.lists(st.booleans(), min_size=num_items, max_size=num_items), min_size=batch, max_size=batch))
+    )
+    targets = torch.tensor(draw(st.lists(st.integers(reserved, num_items - 1), min_size=batch, max_size=batch)))
+    k = draw(st.integers(1, num_items - 1))
+    return scores, exclude, targets, reserved, k
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ranking_problems())
+def test_top_k_ranks_agree_with_full_ranks(problem):
+    scores, exclude, targets, reserved, k = problem
+    full = target_ranks(scores, targets, exclude, reserved)
+
+    # What a ranker does: mask the non-candidates (the target stays one), map NaN to -inf, take the top K + 1.
+    candidates = ~exclude
+    candidates[:, :reserved] = False
+    candidates[torch.arange(len(targets)), targets] = True
+    masked = scores.nan_to_num(nan=-math.inf).masked_fill(~candidates, -math.inf)
+    top_scores, top_items = masked.topk(k + 1, dim=1)
+    from_top_k = ranks_from_top_k(top_items, top_scores, targets)
+
+    # Every rank below K is exact and equal; the rest are reported as K ("not within K"), and so is
+    # a target scored -inf or NaN, which a list cannot tell from padding.
+    target_missing = masked[torch.arange(len(targets)), targets] == -math.inf
+    expected = torch.where(target_missing, k, full.clamp(max=k))
+    assert from_top_k.tolist() == expected.tolist()
+
+    metrics_full, metrics_top_k = RankingMetrics(), RankingMetrics(max_rank=k)
+    metrics_full.update(full)
+    metrics_top_k.update(from_top_k)
+    exact = ~target_missing.numpy()
+    for name in [f"{m}@{cutoff}" for cutoff in range(1, k + 1) for m in ("HR", "NDCG", "MRR")]:
+        assert metrics_top_k.per_user(name)[exact].tolist() == metrics_full.per_user(name)[exact].tolist(), name
 
 
 def _metrics_from(ranks: np.ndarray) -> RankingMetrics:
@@ -196,10 +325,7 @@ def _gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.multiprocess
 def test_gather_across_gloo_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = _metrics_from(np.array(_ALL_RANKS)).compute()
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
+from metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
 from model.config import ModelConfig
 from model.modeling import SequenceRecommender
-from train.metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
 
 SAVED_META = "meta.json"
 SAVED_DENSE = "model.safetensors"

@@ -1,8 +1,10 @@
-"""Offline evaluation: full-ranking retrieval metrics, bootstrap intervals and binary-classifier metrics.
+"""Full-ranking retrieval metrics and bootstrap intervals.
 
 Everything ranks the target against the *whole* catalogue rather than a sampled set of negatives,
 because sampled metrics are known to reorder models (Krichene & Rendle, 2020). The same code scores
-the model and the baselines, so their numbers are comparable by construction.
+the model and the baselines, so their numbers are comparable by construction. Ranks come either
+from a full score matrix (:func:`target_ranks`) or from a ranker's top-K lists
+(:func:`ranks_from_top_k`), under one tie rule, so the two agree wherever a list can tell.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DEFAULT_KS",
     "RankingMetrics",
-    "binary_metrics",
     "paired_bootstrap",
     "popularity_scores",
+    "ranks_from_top_k",
     "seen_mask",
     "target_ranks",
 ]
+
+# The cut-offs of HR@k and NDCG@k that training and artifact evaluation report unless configured
+# otherwise. Exact values up to 200 from a top-K ranker need 201 candidates (see ranks_from_top_k).
+DEFAULT_KS = (1, 5, 10, 50, 200)
 
 # Rows drawn per bootstrap chunk are capped so that (chunk x users) indices stay around this many
 # int64s: a million users times a thousand resamples would otherwise need 8 GB at once.
@@ -75,6 +82,57 @@ def target_ranks(
     candidates[rows, targets] = False
     target_scores = scores[rows, targets].unsqueeze(1)
     return (scores >= target_scores).logical_and_(candidates).sum(dim=1)
+
+
+def ranks_from_top_k(
+    top_items: torch.Tensor,
+    top_scores: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """0-based rank of each user's target from a ranker's top-L lists, clipped at ``L - 1``.
+
+    Row ``b`` of ``top_items`` / ``top_scores`` (both ``[B, L]``) holds the ``L`` best candidates
+    for user ``b`` and their scores, best first as ``torch.topk`` returns them (the order itself is
+    not relied on). Entries scored -inf are padding: a row may have fewer real candidates than
+    ``L``, and a top-K over a masked score matrix lists masked items with -inf. The list must come
+    from the same candidate set as :func:`target_ranks` (reserved and excluded items masked, the
+    target left a candidate) and NaN scores must already be -inf: ``torch.topk`` ranks NaN above
+    everything, so NaN candidates would take the places of real ones, and NaN here raises.
+
+    The tie rule is :func:`target_ranks`' (every other candidate with the target's exact score is
+    ahead of it), but a list cannot tell what lies beyond it: any candidate outside it may tie with
+    its lowest score. A rank is therefore only certain when some entry scores strictly below the
+    target, which bounds everything outside the list below the target too; that makes ranks
+    ``< L - 1`` exact, while a target at the last place, tied with the last place, or not in the
+    list at all is only known to rank ``>= L - 1`` and gets ``L - 1``. Feed these ranks to
+    ``RankingMetrics(max_rank=L - 1)``, which computes cut-offs ``k <= L - 1`` only: a caller that
+    wants exact HR@K and NDCG@K asks the ranker for ``K + 1`` candidates.
+
+    A target scored -inf cannot be told apart from padding, so it gets ``L - 1`` (a miss at every
+    cut-off), which is also its full-matrix rank, clipped, whenever the row has at least ``L - 1``
+    other candidates. Returns int64 ``[B]`` on the device of ``top_items``.
+    """
+    if top_items.dim() != 2 or top_scores.shape != top_items.shape or targets.shape != top_items.shape[:1]:
+        raise ValueError(
+            "expected top_items [B, L], top_scores [B, L] and targets [B], got "
+            f"{tuple(top_items.shape)}, {tuple(top_scores.shape)} and {tuple(targets.shape)}"
+        )
+    length = top_items.shape[1]
+    if length < 2:
+        raise ValueError(f"lists of {length} candidates certify no rank; ask the ranker for K + 1 >= 2 candidates")
+    if not top_scores.is_floating_point():
+        top_scores = top_scores.double()
+    top_scores = top_scores.to(top_items.device)
+    if top_scores.isnan().any():
+        raise ValueError("top_scores contain NaN: replace NaN scores by -inf before selecting the top K")
+    is_target = top_items.to(torch.int64) == targets.to(device=top_items.device, dtype=torch.int64).unsqueeze(1)
+    # An absent target scores -inf here, as does padding, so it is "behind" the whole list.
+    target_scores = top_scores.masked_fill(~is_target, -math.inf).amax(dim=1, keepdim=True)
+    # With an entry strictly below the target this count is exact and at most L - 2. Without one,
+    # all L - 1 other entries are at or above the target and the count reaches L - 1: exactly the
+    # uncertain cases, which the clip turns into "L - 1 or worse".
+    ahead = (top_scores >= target_scores).logical_and_(~is_target).sum(dim=1)
+    return ahead.clamp_(max=length - 1)
 
 
 def seen_mask(
@@ -162,9 +220,18 @@ class RankingMetrics:
     Ranks rather than running sums are kept because the bootstrap intervals and the paired
     comparisons between models need per-user values, and because any set of cut-offs can then be
     computed after the fact. One int64 per user is small even for millions of users.
+
+    ``max_rank`` is for ranks from top-K lists (see :func:`ranks_from_top_k`), which are only exact
+    below ``max_rank``: ranks at or beyond it are stored as ``max_rank``, meaning "not within the
+    first ``max_rank``". Cut-offs above it would be guesses, so asking for one raises, and the
+    mean reciprocal rank is reported as ``MRR@{max_rank}`` (ranks ``>= max_rank`` contribute 0)
+    rather than as an ``MRR`` it is not. ``None`` means the ranks are exact: full-matrix ranks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rank: int | None = None) -> None:
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+        self.max_rank = max_rank
         self._chunks: list[np.ndarray] = []
         self._gathered = False
 
@@ -188,11 +255,13 @@ class RankingMetrics:
             ranks = ranks[weights > 0]
         if (ranks < 0).any():
             raise ValueError("ranks must be non-negative")
+        if self.max_rank is not None:
+            ranks = np.minimum(ranks, self.max_rank)
         self._chunks.append(ranks.copy())
 
     @property
     def ranks(self) -> np.ndarray:
-        """All accumulated ranks (padding removed), in update order."""
+        """All accumulated ranks (padding removed, clipped at ``max_rank`` if set), in update order."""
         if len(self._chunks) != 1:
             self._chunks = [np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int64)]
         return self._chunks[0]
@@ -216,37 +285,54 @@ class RankingMetrics:
         self._chunks = [np.concatenate(parts).astype(np.int64, copy=False)]
         self._gathered = True
 
-    merge_distributed = gather
-
     def per_user(self, metric_name: str) -> np.ndarray:
-        """Per-user values of ``HR@k``, ``NDCG@k`` or ``MRR``, in accumulation order.
+        """Per-user values of ``HR@k``, ``NDCG@k``, ``MRR@k`` (reciprocal rank, 0 from rank k on)
+        or ``MRR``, in accumulation order.
 
         Exposed for paired bootstraps between two systems evaluated on the same users in the same
         order (see :func:`paired_bootstrap`).
         """
         ranks = self.ranks.astype(np.float64)
         name, _, k = metric_name.partition("@")
-        if name == "MRR" and not k:
+        if name not in ("HR", "NDCG", "MRR") or (name != "MRR" and not k):
+            raise ValueError(f"unknown metric {metric_name!r}; expected 'HR@k', 'NDCG@k', 'MRR@k' or 'MRR'")
+        if not k:
+            if self.max_rank is not None:
+                raise ValueError(
+                    f"MRR needs every rank, but these are only known below {self.max_rank}; ask for 'MRR@{self.max_rank}'"
+                )
             return 1.0 / (ranks + 1.0)
-        if name in ("HR", "NDCG") and k:
-            try:
-                cutoff = int(k)
-            except ValueError:
-                cutoff = 0
-            if cutoff <= 0:
-                raise ValueError(f"bad cut-off in metric name {metric_name!r}")
-            hit = ranks < cutoff
-            if name == "HR":
-                return hit.astype(np.float64)
-            # One relevant item, so the ideal DCG is 1 and NDCG is just the discount of the hit.
-            return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
-        raise ValueError(f"unknown metric {metric_name!r}; expected 'HR@k', 'NDCG@k' or 'MRR'")
+        try:
+            cutoff = int(k)
+        except ValueError:
+            cutoff = 0
+        if cutoff <= 0:
+            raise ValueError(f"bad cut-off in metric name {metric_name!r}")
+        if self.max_rank is not None and cutoff > self.max_rank:
+            raise ValueError(
+                f"{metric_name} needs exact ranks below {cutoff}, but these are only known below "
+                f"{self.max_rank} (top-{self.max_rank + 1} lists); ask the ranker for {cutoff + 1} candidates"
+            )
+        hit = ranks < cutoff
+        if name == "HR":
+            return hit.astype(np.float64)
+        if name == "MRR":
+            return np.where(hit, 1.0 / (ranks + 1.0), 0.0)
+        # One relevant item, so the ideal DCG is 1 and NDCG is just the discount of the hit.
+        return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
 
-    def compute(self, ks: tuple[int, ...] = (1, 5, 10, 50, 200)) -> dict[str, float]:
-        """Means over users; NaN (not 0) when there are no users, so an empty split cannot pass for a bad model."""
+    def compute(self, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+        """Means over users; NaN (not 0) when there are no users, so an empty split cannot pass for a bad model.
+
+        The reciprocal rank is ``MRR``, or ``MRR@{max_rank}`` when the ranks are clipped.
+        """
         users = len(self.ranks)
-        names = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["MRR"]
-        result = {name: float(self.per_user(name).mean()) if users else math.nan for name in names}
+        mrr = "MRR" if self.max_rank is None else f"MRR@{self.max_rank}"
+        names = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + [mrr]
+        result: dict[str, float] = {}
+        for name in names:
+            values = self.per_user(name)  # even without users, so that an uncertified cut-off always raises
+            result[name] = float(values.mean()) if users else math.nan
         result["users"] = users
         return result
 
@@ -272,61 +358,3 @@ class RankingMetrics:
         if len(values) == 0:
             return math.nan, math.nan
         return _percentiles(_bootstrap_means(values, samples, seed), level)
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank, which makes AUC count a tied pair as half."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    return ((starts + ends + 1) / 2.0)[inverse]
-
-
-def binary_metrics(
-    probabilities: torch.Tensor,
-    labels: torch.Tensor,
-    threshold: float = 0.5,
-) -> dict[str, float]:
-    """AUC, precision, recall, F1 and accuracy of a binary head (e.g. click / no click).
-
-    AUC is the Mann-Whitney statistic from average ranks: exact, O(n log n), with tied scores
-    counted as half a correct pair, so a constant predictor gets 0.5 rather than an arbitrary value
-    depending on sort order. Predictions are ``probability >= threshold``. Undefined quantities
-    (AUC with one class only, precision with no predicted positive, recall with no actual
-    positive) are NaN rather than 0, so they cannot be mistaken for a measured failure.
-    """
-    p = probabilities.detach().reshape(-1).to("cpu", torch.float64).numpy()
-    y = labels.detach().reshape(-1).to("cpu", torch.float64).numpy()
-    if p.shape != y.shape:
-        raise ValueError(f"probabilities {p.shape} and labels {y.shape} differ in size")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError("labels must be 0 or 1")
-    positive = y == 1.0
-    n_pos = int(positive.sum())
-    n_neg = len(y) - n_pos
-
-    if n_pos and n_neg:
-        rank_sum = _average_ranks(p)[positive].sum()
-        auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-    else:
-        auc = math.nan
-
-    predicted = p >= threshold
-    tp = int((predicted & positive).sum())
-    fp = int((predicted & ~positive).sum())
-    fn = int((~predicted & positive).sum())
-    precision = tp / (tp + fp) if tp + fp else math.nan
-    recall = tp / (tp + fn) if tp + fn else math.nan
-    if math.isnan(precision) or math.isnan(recall):
-        f1 = math.nan
-    else:
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = float((predicted == positive).mean()) if len(y) else math.nan
-    return {
-        "AUC": float(auc),
-        "precision": float(precision),
-        "recall": float(recall),
-        "F1": float(f1),
-        "accuracy": accuracy,
-        "count": len(y),
-    }
