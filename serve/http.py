@@ -2,9 +2,10 @@
 
 - ``POST /v1/recommend``: one user (``{"history": [...], "k": 10}``) or a batch
   (``{"users": [{"history": [...]}, ...], "k": 10}``); raw item IDs in and out.
-- ``GET /v1/model``: the served artifact's metadata. ``POST /v1/admin/reload``: load an artifact
-  (by default the same path again); a new artifact that fails verification leaves the old one
-  serving. SIGHUP does the same.
+- ``GET /v1/model``: the served artifact's metadata and the answering worker's pid.
+  ``POST /v1/admin/reload``: load an artifact (by default the same path again); a new artifact
+  that fails verification leaves the old one serving. SIGHUP does the same. With ``--workers W``
+  a reload reaches every worker or none (``WorkerGroup``).
 - ``GET /healthz`` (the process is up), ``GET /readyz`` (a model is loaded), ``GET /metrics``.
 
 With ``--token-file`` every ``/v1`` endpoint wants ``Authorization: Bearer <token>``.
@@ -12,6 +13,8 @@ With ``--token-file`` every ``/v1`` endpoint wants ``Authorization: Bearer <toke
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import hmac
 import json
 import os
@@ -19,6 +22,8 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter as Tally
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from uvicorn.supervisors import Multiprocess
 
 from serve.artifact import ArtifactError
 from serve.recommender import Recommender
@@ -34,6 +40,8 @@ MAX_K = 1000
 MAX_USERS = 1024
 MAX_BODY_BYTES = 1 << 20
 KNOWN_PATHS = {"/v1/recommend", "/v1/model", "/v1/admin/reload", "/healthz", "/readyz", "/metrics"}
+RELOAD_TIMEOUT_S = 300.0  # for every worker to load and verify a new artifact (checksums of GBs take a while)
+POLL_S = 0.1  # how often workers look for a reload, and a reload for the workers' answers
 ItemID = StrictInt | StrictStr
 
 
@@ -88,7 +96,7 @@ class ServeMetrics:
         )
         self.model = Gauge(
             "lmrec_serve_model_info",
-            "The served artifact (value 1)",
+            "The served artifact (value 1; 0 for the one served before)",
             ["version", "quant"],
             registry=registry,
             multiprocess_mode="max",
@@ -96,33 +104,225 @@ class ServeMetrics:
         self.reloads = Counter("lmrec_serve_reloads", "Artifact reloads by result", ["result"], registry=registry)
         for result in ("ok", "failed"):
             self.reloads.labels(result=result)  # exported as 0 from the start, so rates and alerts work
+        self._served: dict | None = None
 
     def serving(self, rec: Recommender) -> None:
-        self.model.clear()
-        self.model.labels(version=rec.version, quant=rec.quant).set(1)
+        # Set to 0 rather than cleared: with several workers the exposition reads every worker's
+        # values from files that clear() does not touch, so the old version would stay at 1.
+        if self._served is not None:
+            self.model.labels(**self._served).set(0)
+        self._served = {"version": rec.version, "quant": rec.quant}
+        self.model.labels(**self._served).set(1)
+
+
+class WorkersDisagree(RuntimeError):
+    """A reload that every worker had verified but that not every worker took up."""
 
 
 class Service:
-    """The served model and its reload: a failed load never replaces a working model."""
+    """The served model and its reload: a failed load never replaces a working model. In one of
+    several workers, ``group`` makes a reload reach every worker."""
 
-    def __init__(self, artifact: Path, token: str | None, metrics: ServeMetrics):
-        self.artifact, self.token, self.metrics = Path(artifact), token, metrics
+    def __init__(self, artifact: Path, token: str | None, metrics: ServeMetrics, group: WorkerGroup | None = None):
+        self.artifact, self.token, self.metrics, self.group = Path(artifact), token, metrics, group
         self.rec = Recommender.load(self.artifact)
         self.metrics.serving(self.rec)
         self._lock = threading.Lock()
 
-    def reload(self, path: Path | None = None) -> Recommender:
+    def load(self, path: Path) -> Recommender:
+        """The artifact at ``path``, verified; ArtifactError (and a failed reload counted) otherwise."""
+        try:
+            return Recommender.load(path)
+        except (ArtifactError, OSError, ValueError) as e:
+            self.metrics.reloads.labels(result="failed").inc()
+            raise ArtifactError(str(e)) from None
+
+    def serve(self, rec: Recommender, path: Path) -> None:
+        self.rec, self.artifact = rec, Path(path)
+        self.metrics.serving(rec)
+        self.metrics.reloads.labels(result="ok").inc()
+
+    def reload(self, path: Path | None = None) -> dict:
+        """Loads ``path`` (default: the served path again) and serves it: {"version", "path",
+        "workers": {version: number of workers serving it}}."""
+        if self.group is not None:
+            return self.group.reload(path)
         with self._lock:
             path = Path(path or self.artifact)
             try:
-                rec = Recommender.load(path)
-            except (ArtifactError, OSError, ValueError) as e:
-                self.metrics.reloads.labels(result="failed").inc()
+                rec = self.load(path)
+            except ArtifactError as e:
                 raise ArtifactError(f"reload failed, still serving {self.rec.version}: {e}") from None
-            self.rec, self.artifact = rec, path
-            self.metrics.serving(rec)
-            self.metrics.reloads.labels(result="ok").inc()
-            return rec
+            self.serve(rec, path)
+            return {"version": rec.version, "path": str(path), "workers": {rec.version: 1}}
+
+
+class WorkerGroup:
+    """The uvicorn workers of one server (``--workers W``) and their reloads, through files in a
+    directory they share: ``reload.json``, the artifact the workers serve and the reload under
+    way, and ``worker-PID.json``, what each worker serves and its answer to that reload.
+
+    A reload has two phases, so that the workers never end up on different models: first every
+    worker loads and verifies the new artifact next to the model it serves; only when all of them
+    have it do they switch to it (a reference swap, which cannot fail); if any worker fails, all
+    of them drop it and keep the old one. Any worker answering ``POST /v1/admin/reload``, or the
+    supervisor on SIGHUP, runs the reload; a worker started later (uvicorn replaces dead ones)
+    loads what ``reload.json`` says is served.
+    """
+
+    LOAD, SWITCH, ABORT = "load", "switch", "abort"
+
+    def __init__(self, directory: Path, timeout: float = RELOAD_TIMEOUT_S):
+        self.directory, self.timeout = Path(directory), timeout
+        self._state = self.directory / "reload.json"
+
+    def start(self, artifact: Path) -> None:
+        """Called once by the supervisor, before the workers start."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        served = {"generation": 0, "path": str(artifact)}
+        self._write(self._state, {**served, "phase": self.SWITCH, "served": served})
+
+    def served(self) -> tuple[str, int]:
+        """(path, generation) of the artifact the workers serve, for a worker that starts."""
+        served = self._read(self._state)["served"]
+        return served["path"], served["generation"]
+
+    def follow(self, service: Service, generation: int) -> None:
+        """Takes part in the group's reloads from now on (a worker serving ``generation``)."""
+        status = self.directory / f"worker-{os.getpid()}.json"
+        atexit.register(status.unlink, missing_ok=True)
+        threading.Thread(
+            target=self._follow, args=(service, generation, status), name="lmrec-reload", daemon=True
+        ).start()
+
+    def _follow(self, service: Service, generation: int, status: Path) -> None:
+        answered = error = None  # the [generation, phase] of reload.json acted on last, and how it failed
+        pending = None  # (generation, Recommender): the new artifact, loaded and verified, not served yet
+        while True:
+            self._write(status, {"pid": os.getpid(), "version": service.rec.version, "generation": generation,
+                                 "answered": answered, "loaded": pending[1].version if pending else None,
+                                 "error": error})  # fmt: skip
+            state = self._read(self._state)
+            while [state["generation"], state["phase"]] == answered:
+                time.sleep(POLL_S)
+                state = self._read(self._state)
+            g, phase, path = state["generation"], state["phase"], Path(state["path"])
+            answered, error = [g, phase], None
+            if phase == self.ABORT and pending and pending[0] == g:
+                service.metrics.reloads.labels(result="failed").inc()  # one count per worker and reload
+            if phase == self.SWITCH and generation != g:
+                try:  # a worker that started during the load phase has nothing loaded yet
+                    service.serve(pending[1] if pending and pending[0] == g else service.load(path), path)
+                    generation = g
+                except ArtifactError as e:
+                    error = str(e)
+            pending = None
+            if phase == self.LOAD:
+                try:
+                    pending = (g, service.load(path))
+                except ArtifactError as e:
+                    error = str(e)
+
+    def reload(self, path: Path | None = None) -> dict:
+        """Every worker onto the artifact at ``path`` (default: the served path again), or none:
+        {"version", "path", "workers": {version: workers}}. ArtifactError when a worker cannot
+        load it (every worker keeps its model then); WorkersDisagree when not every worker took it up."""
+        with self._exclusive():
+            state = self._read(self._state)
+            g, path = state["generation"] + 1, str(path or state["served"]["path"])
+            proposal = {"generation": g, "path": path, "served": state["served"]}
+            self._write(self._state, {**proposal, "phase": self.LOAD})
+            workers = self._answers(lambda w: w["answered"] == [g, self.LOAD])
+            if not workers:
+                raise ArtifactError("reload failed: no worker is running")
+            failed = [w for w in workers if w["answered"] != [g, self.LOAD] or w["loaded"] is None]
+            versions = {w["loaded"] for w in workers}
+            if failed or len(versions) > 1:
+                self._write(self._state, {**proposal, "phase": self.ABORT})
+                serving = _describe(Tally(w["version"] for w in workers))
+                if not failed:
+                    raise ArtifactError(f"reload failed, still serving {serving}: {path} changed while workers read it")
+                reason = failed[0]["error"] or f"did not load it within {self.timeout:.0f} s"
+                raise ArtifactError(
+                    f"reload failed, still serving {serving}: {len(failed)} of {len(workers)} workers could not "
+                    f"load it; worker {failed[0]['pid']}: {reason}"
+                )
+            served = {"generation": g, "path": path}
+            self._write(self._state, {**served, "phase": self.SWITCH, "served": served})
+            workers = self._answers(lambda w: w["generation"] == g or w["answered"] == [g, self.SWITCH])
+            [version], serving = versions, Tally(w["version"] for w in workers)
+            if set(serving) != {version}:
+                raise WorkersDisagree(f"reload of {version} incomplete: serving {_describe(serving)}")
+            return {"version": version, "path": path, "workers": dict(serving)}
+
+    def _answers(self, answered) -> list[dict]:
+        """The running workers' statuses once every one has ``answered`` (or the time is up)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            workers = self._workers()
+            if all(answered(w) for w in workers) or time.monotonic() > deadline:
+                return workers
+            time.sleep(POLL_S)
+
+    def _workers(self) -> list[dict]:
+        workers = []
+        for path in self.directory.glob("worker-*.json"):
+            try:
+                status = self._read(path)
+                os.kill(status["pid"], 0)
+            except FileNotFoundError:  # a worker that has just exited
+                continue
+            except ProcessLookupError:  # one that died without cleaning up; uvicorn starts a replacement
+                path.unlink(missing_ok=True)
+                continue
+            workers.append(status)
+        return workers
+
+    @contextmanager
+    def _exclusive(self):
+        """One reload at a time, whichever process runs it."""
+        with open(self.directory / "reload.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    @staticmethod
+    def _write(path: Path, value: dict) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of it
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        return json.loads(path.read_text())
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, except for SIGHUP: uvicorn restarts every worker
+    with the artifact it started with, unverified; this reloads the served path in every worker
+    or none."""
+
+    def __init__(self, config, sockets, group: WorkerGroup):
+        super().__init__(config, sockets)
+        self.group = group
+
+    def handle_hup(self) -> None:
+        # In a thread: the supervisor's loop must go on checking (and reaping) workers meanwhile.
+        threading.Thread(target=_reload_and_report, args=(self.group.reload,), name="lmrec-reload", daemon=True).start()
+
+
+def _describe(serving: dict) -> str:
+    """``{version: workers}`` in words: "abc on 2 workers", "abc on 1 worker and def on 1 worker"."""
+    return " and ".join(f"{v} on {n} worker{'s' * (n != 1)}" for v, n in sorted(serving.items())) or "nothing"
+
+
+def _reload_and_report(reload) -> None:
+    """SIGHUP's reload; its outcome goes to the server's output."""
+    try:
+        result = reload()
+    except (ArtifactError, WorkersDisagree) as e:
+        print(f"lmrec serve: {e}", flush=True)
+        return
+    print(f"lmrec serve: reloaded {result['path']}, serving {_describe(result['workers'])}", flush=True)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -138,7 +338,11 @@ def _validation_message(error: ValidationError) -> str:
 
 
 def create_app(
-    artifact: str | Path, token: str | None = None, max_body: int = MAX_BODY_BYTES, handle_sighup: bool = True
+    artifact: str | Path,
+    token: str | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    handle_sighup: bool = True,
+    group: WorkerGroup | None = None,
 ) -> FastAPI:
     registry = CollectorRegistry()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several uvicorn workers: one exposition for all
@@ -149,21 +353,16 @@ def create_app(
     else:
         exposed = registry
     metrics = ServeMetrics(registry)
-    service = Service(Path(artifact), token, metrics)
+    service = Service(Path(artifact), token, metrics, group)
     app = FastAPI(title="lmrec", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
     if handle_sighup and threading.current_thread() is threading.main_thread():
 
         def on_sighup(signum, frame):
-            def run():
-                try:
-                    rec = service.reload()
-                    print(f"lmrec serve: reloaded {service.artifact} (version {rec.version})", flush=True)
-                except ArtifactError as e:
-                    print(f"lmrec serve: {e}", flush=True)
-
-            threading.Thread(target=run, name="lmrec-reload", daemon=True).start()
+            threading.Thread(
+                target=_reload_and_report, args=(service.reload,), name="lmrec-reload", daemon=True
+            ).start()
 
         signal.signal(signal.SIGHUP, on_sighup)
 
@@ -239,7 +438,7 @@ def create_app(
 
     @app.get("/v1/model")
     def model_info():
-        return service.rec.info()
+        return {**service.rec.info(), "pid": os.getpid()}  # which worker answered, with --workers W
 
     @app.post("/v1/admin/reload")
     async def reload(request: Request):
@@ -251,10 +450,12 @@ def create_app(
         if not isinstance(payload, dict) or not isinstance(payload.get("path", ""), str):
             return _error(422, 'body: expected {"path": "ARTIFACT"} or nothing')
         try:
-            rec = await run_in_threadpool(service.reload, payload.get("path"))
+            result = await run_in_threadpool(service.reload, payload.get("path"))
         except ArtifactError as e:
             return _error(409, str(e))
-        return {"reloaded": True, "version": rec.version, "path": str(service.artifact)}
+        except WorkersDisagree as e:
+            return _error(500, str(e))
+        return {"reloaded": True, **result}
 
     @app.get("/healthz")
     def healthz():
@@ -289,12 +490,20 @@ def app_from_environment() -> FastAPI:
         import torch
 
         torch.set_num_threads(int(os.environ["LMREC_SERVE_THREADS"]))
+    # SIGHUP is the supervisor's to handle; a hangup of the whole process group must not end workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     token = os.environ.get("LMREC_SERVE_TOKEN_FILE")
-    return create_app(
-        os.environ["LMREC_SERVE_ARTIFACT"],
+    group = WorkerGroup(Path(os.environ["LMREC_SERVE_GROUP"]))
+    artifact, generation = group.served()
+    app = create_app(
+        artifact,
         read_token(Path(token) if token else None),
         int(os.environ.get("LMREC_SERVE_MAX_BODY", MAX_BODY_BYTES)),
+        handle_sighup=False,
+        group=group,
     )
+    group.follow(app.state.service, generation)
+    return app
 
 
 def run(
@@ -306,6 +515,7 @@ def run(
     max_body: int = MAX_BODY_BYTES,
     threads: int | None = None,
 ) -> None:
+    import shutil
     import tempfile
 
     import torch
@@ -330,15 +540,23 @@ def run(
         uvicorn.run(app, **options)
         return
     Recommender.load(artifact)  # fail here, with one clear message, rather than in every worker
-    metrics_dir = tempfile.mkdtemp(prefix="lmrec-serve-metrics-")
+    shared = Path(tempfile.mkdtemp(prefix="lmrec-serve-"))
+    (shared / "metrics").mkdir()
+    group = WorkerGroup(shared / "workers")
+    group.start(artifact)
     os.environ.update(
         {
-            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-            "LMREC_SERVE_ARTIFACT": str(artifact),
+            "PROMETHEUS_MULTIPROC_DIR": str(shared / "metrics"),
+            "LMREC_SERVE_GROUP": str(group.directory),
             "LMREC_SERVE_MAX_BODY": str(max_body),
             **({"LMREC_SERVE_TOKEN_FILE": str(token_file)} if token_file else {}),
             **({"LMREC_SERVE_THREADS": str(threads)} if threads else {}),
         }
     )
     print(f"lmrec serve: {artifact} on http://{host}:{port} with {workers} workers", flush=True)
-    uvicorn.run("serve.http:app_from_environment", factory=True, workers=workers, **options)
+    # uvicorn.run(..., workers=W) would do the same with uvicorn's own supervisor.
+    config = uvicorn.Config("serve.http:app_from_environment", factory=True, workers=workers, **options)
+    try:
+        Supervisor(config, [config.bind_socket()], group).run()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

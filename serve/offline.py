@@ -13,7 +13,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,10 @@ from serve.recommender import Recommender
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+# How long a rank waits for the others: at the start for all of them to arrive, at the end for the
+# slowest one's parts. torchrun stops every rank as soon as one fails, so only a hung rank makes
+# the others wait this long.
+RANK_TIMEOUT = timedelta(hours=6)
 
 
 class ScoringError(ValueError):
@@ -296,12 +302,89 @@ def score(
     log=print,
 ) -> dict:
     """Top-``k`` for every user of ``inputs`` (one prepared shard directory, or event files) into
-    the Parquet dataset directory ``out`` (user, items, scores), one file per part."""
-    from tqdm import tqdm
-
+    the Parquet dataset directory ``out`` (user, items, scores), one file per part. Under torchrun
+    (``WORLD_SIZE`` > 1) each rank takes every ``WORLD_SIZE``-th part; rank 0 claims (with
+    ``overwrite``: clears) ``out`` before any rank writes to it, and writes ``_SUCCESS`` once every
+    rank is done."""
     if not 1 <= k <= 10_000 or workers < 1 or part_users < 1 or batch_size < 1:
         raise ScoringError("--k must be in [1, 10000]; --workers, part size and batch size must be >= 1")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    with _Ranks.join(log) as ranks:
+        rec, parts, counts, job = ranks.run(_plan, artifact, inputs, k, exclude_seen, part_users, columns)
+        ranks.in_turn(_claim, out, job, overwrite and ranks.rank == 0)
+        mine = [p for p in parts if p.number % ranks.world == ranks.rank]
+        tasks, users = ranks.run(
+            _score_parts, rec, artifact, mine, out, k, exclude_seen, batch_size, workers, progress, log
+        )
+        done = ranks.in_turn(_finish, out, parts, {**job, **counts}, ranks.rank == 0)
+    return {"parts": tasks, "users": users, "complete": done, **counts}
+
+
+class _Ranks:
+    """The torchrun ranks of one scoring job (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``), over a gloo process group. A single process is a job of one rank."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    @contextmanager
+    def join(cls, log):
+        ranks = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        if ranks.world == 1:
+            yield ranks
+            return
+        import torch.distributed as dist
+
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ScoringError(
+                f"WORLD_SIZE={ranks.world} without {' and '.join(missing)}: start the ranks with torchrun"
+            )
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        log(f"rank {ranks.rank} of {ranks.world}: joining the other ranks at {where}")
+        store, _, _ = next(dist.rendezvous("env://", ranks.rank, ranks.world, timeout=RANK_TIMEOUT))
+        # Every key under the launcher's restart count, as training does (train.distributed): a
+        # restarted job must not read the failed attempt's addresses from torchrun's store.
+        store = dist.PrefixStore(f"lmrec-score/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("gloo", store=store, rank=ranks.rank, world_size=ranks.world, timeout=RANK_TIMEOUT)
+        try:
+            yield ranks
+        finally:
+            dist.destroy_process_group()
+
+    def run(self, step, *args):
+        """``step(*args)`` on every rank, returning once all ranks have run it. When it fails on
+        any rank it fails on all of them, so that no rank goes on to wait for one that gave up."""
+        if self.world == 1:
+            return step(*args)
+        import torch.distributed as dist
+
+        try:
+            result, error = step(*args), None
+        except Exception as e:
+            result, error = None, e
+        errors = [None] * self.world
+        dist.all_gather_object(errors, None if error is None else str(error))
+        if error is not None:
+            raise error
+        for rank, message in enumerate(errors):
+            if message is not None:
+                raise ScoringError(f"rank {rank} failed: {message}")
+        return result
+
+    def in_turn(self, step, *args):
+        """``step(*args)`` on rank 0 first, then (once it is done there) on the other ranks."""
+        first = self.run(step if self.rank == 0 else _nothing, *args)
+        rest = self.run(_nothing if self.rank == 0 else step, *args)
+        return first if self.rank == 0 else rest
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, columns: dict | None):
+    """(recommender, parts, input counts, job description) of a scoring job."""
     rec = Recommender.load(artifact)
     inputs = [Path(p) for p in inputs]
     for path in inputs:
@@ -323,11 +406,16 @@ def score(
         "part_users": part_users,
         "parts": len(parts),
     }
-    _claim(out, job, overwrite and rank == 0)
-    mine = [p for p in parts if p.number % world == rank]
-    todo = [p for p in mine if not (out / p.name).exists()]
-    if len(todo) < len(mine):
-        log(f"{len(mine) - len(todo)} of {len(mine)} parts already scored in {out}; skipping them")
+    return rec, parts, counts, job
+
+
+def _score_parts(rec, artifact, parts: list[Part], out: Path, k, exclude_seen, batch_size, workers, progress, log):
+    """Scores the ``parts`` not written yet: (parts scored, users scored)."""
+    from tqdm import tqdm
+
+    todo = [p for p in parts if not (out / p.name).exists()]
+    if len(todo) < len(parts):
+        log(f"{len(parts) - len(todo)} of {len(parts)} parts already scored in {out}; skipping them")
     tasks = [(p, str(out), k, exclude_seen, batch_size) for p in todo]
     users = 0
     bar = tqdm(total=len(tasks), unit="part", disable=not progress, desc="scoring")
@@ -345,10 +433,15 @@ def score(
                 users += n
                 bar.update()
     bar.close()
+    return len(tasks), users
+
+
+def _finish(out: Path, parts: list[Part], summary: dict, write: bool) -> bool:
+    """Whether every part is there; with ``write``, marks the output complete with ``_SUCCESS``."""
     done = all((out / p.name).exists() for p in parts)
-    if done:
-        (out / SUCCESS_FILE).write_text(json.dumps({**job, **counts}) + "\n")
-    return {"parts": len(tasks), "users": users, "complete": done, **counts}
+    if done and write:
+        (out / SUCCESS_FILE).write_text(json.dumps(summary) + "\n")
+    return done
 
 
 def _claim(out: Path, job: dict, overwrite: bool) -> None:

@@ -10,7 +10,9 @@ import time
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from serve.http import create_app
 from serve.recommender import Recommender
 from tests.conftest import ROOT, free_port
 
@@ -52,19 +54,48 @@ class Server:
         return code
 
 
+def _secured_server(artifact, tmp, *args):
+    """A server with a bearer token, on its own copy of ``artifact``: (server, the copy)."""
+    served = tmp / "served"
+    shutil.copytree(artifact, served)
+    (tmp / "token").write_text(TOKEN + "\n")
+    return Server(served, tmp, "--token-file", tmp / "token", *args), served
+
+
 @pytest.fixture(scope="module")
 def secured(artifacts, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("http")
-    served = tmp / "served"
-    shutil.copytree(artifacts["int8"], served)
-    (tmp / "token").write_text(TOKEN + "\n")
-    server = Server(served, tmp, "--token-file", tmp / "token", "--max-body", 20_000)
+    """One server for the tests that leave its state as they found it (the model, the settings)."""
+    server, served = _secured_server(artifacts["int8"], tmp_path_factory.mktemp("http"), "--max-body", 20_000)
     yield server, served
     assert server.stop() == 0
 
 
 def _auth():
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _metrics(server) -> dict:
+    """{(sample name, sorted labels): value} of the server's /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _corrupt_copy(artifact, tmp):
+    corrupt = tmp / "corrupt"
+    shutil.copytree(artifact, corrupt)
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    return corrupt
+
+
+def _reload(server, artifact):
+    # Every worker loads and verifies the artifact: it may take longer than httpx's default 5 s.
+    return httpx.post(f"{server.url}/v1/admin/reload", json={"path": str(artifact)}, headers=_auth(), timeout=60)
 
 
 def _history(artifact, n=6):
@@ -126,32 +157,32 @@ def test_bearer_token_is_required_on_v1_only(secured):
     assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
-def test_reload_keeps_the_old_model_when_the_new_one_is_corrupt(secured, artifacts, tmp_path):
-    server, served = secured
-    before = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"]
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(artifacts["fp32"], corrupt)
-    data = bytearray((corrupt / "model.safetensors").read_bytes())
-    data[len(data) // 2] ^= 0x01
-    (corrupt / "model.safetensors").write_bytes(bytes(data))
-    answer = httpx.post(f"{server.url}/v1/admin/reload", json={"path": str(corrupt)}, headers=_auth())
-    assert answer.status_code == 409 and "checksum mismatch" in answer.json()["error"]
-    assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
-    history = _history(served)
-    assert httpx.post(f"{server.url}/v1/recommend", json={"history": history}, headers=_auth()).status_code == 200
-    # SIGHUP reloads the served path: after damaging it in place, the old model stays.
-    (served / "vocab.parquet").write_bytes(b"garbage")
-    server.process.send_signal(signal.SIGHUP)
-    _wait_for(server, "reload failed, still serving")
-    assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
-    # A good artifact replaces it.
-    answer = httpx.post(f"{server.url}/v1/admin/reload", json={"path": str(artifacts["fp32"])}, headers=_auth())
-    assert answer.status_code == 200, answer.text
-    info = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()
-    assert info["version"] != before and info["quant"] == "fp32"
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'lmrec_serve_reloads_total{result="failed"} 2.0' in metrics
-    assert f'lmrec_serve_model_info{{quant="fp32",version="{info["version"]}"}} 1.0' in metrics
+def test_reload_keeps_the_old_model_when_the_new_one_is_corrupt(artifacts, tmp_path):
+    server, served = _secured_server(artifacts["int8"], tmp_path)
+    try:
+        before = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"]
+        corrupt = _corrupt_copy(artifacts["fp32"], tmp_path)
+        answer = _reload(server, corrupt)
+        assert answer.status_code == 409 and "checksum mismatch" in answer.json()["error"]
+        assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
+        history = _history(served)
+        assert httpx.post(f"{server.url}/v1/recommend", json={"history": history}, headers=_auth()).status_code == 200
+        # SIGHUP reloads the served path: after damaging it in place, the old model stays.
+        (served / "vocab.parquet").write_bytes(b"garbage")
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for(server, "reload failed, still serving")
+        assert httpx.get(f"{server.url}/v1/model", headers=_auth()).json()["version"] == before
+        # A good artifact replaces it.
+        answer = _reload(server, artifacts["fp32"])
+        assert answer.status_code == 200, answer.text
+        info = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()
+        assert info["version"] != before and info["quant"] == "fp32"
+        assert answer.json()["workers"] == {info["version"]: 1}
+        metrics = _metrics(server)
+        assert metrics[("lmrec_serve_reloads_total", (("result", "failed"),))] == 2
+        assert metrics[("lmrec_serve_model_info", (("quant", "fp32"), ("version", info["version"])))] == 1
+    finally:
+        assert server.stop() == 0
 
 
 def _wait_for(server, text, seconds=30):
@@ -161,26 +192,80 @@ def _wait_for(server, text, seconds=30):
         time.sleep(0.2)
 
 
-def test_metrics_count_requests_by_status_and_time_them(secured, artifacts):
-    server, _ = secured
-    httpx.post(f"{server.url}/v1/recommend", json={"history": _history(artifacts["int8"]), "k": 2}, headers=_auth())
-    text = httpx.get(f"{server.url}/metrics").text
-    assert 'lmrec_serve_requests_total{endpoint="/v1/recommend",status="200"}' in text
-    assert 'lmrec_serve_requests_total{endpoint="/v1/recommend",status="401"}' in text
-    assert 'lmrec_serve_request_seconds_bucket{endpoint="/v1/recommend",le="0.005"}' in text
-    assert "lmrec_serve_batch_users_count" in text
+def test_metrics_count_requests_by_status_and_time_them(secured):
+    server, served = secured
+    recommend = ("endpoint", "/v1/recommend")
+    before = _metrics(server)
+    body = {"history": _history(served), "k": 2}
+    assert httpx.post(f"{server.url}/v1/recommend", json=body, headers=_auth()).status_code == 200
+    assert httpx.post(f"{server.url}/v1/recommend", json=body).status_code == 401
+    after = _metrics(server)
+
+    def added(name, *labels):
+        key = (name, tuple(sorted(labels)))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert added("lmrec_serve_requests_total", recommend, ("status", "200")) == 1
+    assert added("lmrec_serve_requests_total", recommend, ("status", "401")) == 1
+    assert added("lmrec_serve_request_seconds_count", recommend) == 1  # refused requests are not timed
+    assert ("lmrec_serve_request_seconds_bucket", (recommend, ("le", "0.005"))) in after
+    assert added("lmrec_serve_batch_users_count") == 1
 
 
-def test_several_workers_serve_and_shut_down_gracefully(artifacts, tmp_path):
-    server = Server(artifacts["int8"], tmp_path, "--workers", 2)
+def test_reload_over_http_needs_a_token(artifacts):
+    from fastapi.testclient import TestClient
+
+    answer = TestClient(create_app(artifacts["int8"], handle_sighup=False)).post("/v1/admin/reload")
+    assert answer.status_code == 403 and "--token-file" in answer.json()["error"]
+
+
+def _workers(server, count=2, attempts=300) -> dict:
+    """{pid: (version, quant)} of every worker. Each request opens a new connection, which the
+    kernel hands to one of the workers, so a few of them reach every worker."""
+    seen = {}
+    for _ in range(attempts):
+        info = httpx.get(f"{server.url}/v1/model", headers=_auth()).json()
+        seen[info["pid"]] = (info["version"], info["quant"])
+        if len(seen) == count:
+            return seen
+    raise AssertionError(f"{attempts} requests reached {len(seen)} of {count} workers")
+
+
+def test_several_workers_serve_reload_together_and_shut_down_gracefully(artifacts, tmp_path):
+    server, served = _secured_server(artifacts["int8"], tmp_path, "--workers", 2)
     try:
-        history = _history(artifacts["int8"])
-        for _ in range(6):
-            assert httpx.post(f"{server.url}/v1/recommend", json={"history": history}).status_code == 200
-        text = httpx.get(f"{server.url}/metrics").text
-        counted = [line for line in text.splitlines() if line.startswith("lmrec_serve_requests_total{")]
-        assert sum(float(line.rsplit(" ", 1)[1]) for line in counted if "recommend" in line) >= 6
-        assert httpx.post(f"{server.url}/v1/admin/reload").status_code == 403
+        body = {"history": _history(served)}
+        answers = [httpx.post(f"{server.url}/v1/recommend", json=body, headers=_auth()) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 6
+        counted = _metrics(server)  # one exposition for all workers
+        assert counted[("lmrec_serve_requests_total", (("endpoint", "/v1/recommend"), ("status", "200")))] == 6
+        first = _workers(server)
+        pids, [int8] = set(first), {version for version, _ in first.values()}
+        # Over HTTP, the answer says what every worker serves now.
+        target = tmp_path / "next"
+        shutil.copytree(artifacts["fp32"], target)
+        answer = _reload(server, target)
+        assert answer.status_code == 200, answer.text
+        fp32 = answer.json()["version"]
+        assert answer.json()["workers"] == {fp32: 2}
+        assert _workers(server) == dict.fromkeys(pids, (fp32, "fp32"))  # in place: the same processes
+        # A corrupt artifact is refused by every worker, and every worker keeps its model.
+        corrupt = _corrupt_copy(artifacts["int8"], tmp_path)
+        answer = _reload(server, corrupt)
+        assert answer.status_code == 409, answer.text
+        assert "checksum mismatch" in answer.json()["error"] and f"still serving {fp32} on 2 workers" in answer.text
+        assert _workers(server) == dict.fromkeys(pids, (fp32, "fp32"))
+        # SIGHUP (to the supervisor) reloads the served path in every worker: replaced in place here.
+        shutil.rmtree(target)
+        shutil.copytree(artifacts["int8"], target)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for(server, f"serving {int8} on 2 workers")
+        assert _workers(server) == dict.fromkeys(pids, (int8, "int8"))
+        metrics = _metrics(server)
+        assert metrics[("lmrec_serve_reloads_total", (("result", "ok"),))] == 4  # one per worker and reload
+        assert metrics[("lmrec_serve_reloads_total", (("result", "failed"),))] == 2
+        assert metrics[("lmrec_serve_model_info", (("quant", "int8"), ("version", int8)))] == 1
+        assert metrics[("lmrec_serve_model_info", (("quant", "fp32"), ("version", fp32)))] == 0
     finally:
         output = server.output()
         started = time.time()

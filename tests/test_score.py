@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
+from serve.offline import score
 from serve.recommender import Recommender
 from tests.conftest import ROOT, free_port, run_cli
 
@@ -77,6 +79,75 @@ def test_torchrun_ranks_take_whole_parts(resharded, artifacts, tmp_path):
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
     assert "scored 200 users in 2 parts" in done.stdout and "scored 100 users in 1 parts" in done.stdout
     assert (out / "_SUCCESS").exists() and _read(out).num_rows == 300
+
+
+class Rank:
+    """One rank of a two-rank job started by hand: `lmrec score` in torchrun's environment."""
+
+    def __init__(self, rank, port, tmp_path, *args):
+        self.log = open(tmp_path / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 - closed by the fixture
+        env = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "score", *map(str, args)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def finish(self, seconds=120) -> tuple[int, str]:
+        try:
+            code = self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"rank still running after {seconds} s:\n{self.output()}") from None
+        return code, self.output()
+
+
+@pytest.fixture
+def start_rank(tmp_path):
+    """Starts ranks; whatever happens in the test, none is left running (waiting for the others)."""
+    started = []
+
+    def start(rank, port, *args):
+        started.append(Rank(rank, port, tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for rank in started:
+        rank.process.kill()
+        rank.process.wait()
+        rank.log.close()
+
+
+def test_overwrite_under_ranks_clears_the_output_before_any_rank_writes(resharded, artifacts, tmp_path, start_rank):
+    single = tmp_path / "single"
+    score(artifacts["int8"], [resharded], single, k=4, progress=False, log=lambda line: None)
+    out = tmp_path / "ranks"
+    job = ("--artifact", artifacts["int8"], "--input", resharded, "--out", out, "--quiet")
+    port = free_port()
+    # Rank 1 first, alone: it must wait for rank 0 to clear the directory (it used to score its
+    # part at once, and rank 0's --overwrite then deleted it).
+    rank1 = start_rank(1, port, *job, "--k", 4, "--overwrite")
+    deadline = time.time() + 120
+    while rank1.process.poll() is None and "joining the other ranks" not in rank1.output():
+        assert time.time() < deadline, rank1.output()
+        time.sleep(0.2)
+    rank0 = start_rank(0, port, *job, "--k", 4, "--overwrite")
+    finished = [rank0.finish(), rank1.finish()]
+    assert [code for code, _ in finished] == [0, 0], finished
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert (out / "_SUCCESS").exists() and _read(out).equals(_read(single))
+    assert all("output complete" in output for _, output in finished), finished
+    # Another job into the directory is refused on every rank, and no rank waits for the others.
+    port = free_port()
+    finished = [rank.finish() for rank in [start_rank(r, port, *job, "--k", 5) for r in (0, 1)]]
+    assert [code for code, _ in finished] == [2, 2], finished
+    assert all("different k" in output for _, output in finished), finished
 
 
 def test_scoring_event_files_equals_the_python_api(artifacts, tmp_path):
