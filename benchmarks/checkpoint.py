@@ -37,20 +37,24 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def _measure(checkpointer, progress, save) -> dict:
+def _measure(manager, state) -> dict:
     """Two saves (steps N and N+1); checksum verification (what --resume does first); a
     same-topology load and a converted load (files in the page cache: a warm read)."""
     from train.checkpoint import verify
 
     saves = []
     for _ in range(2):
-        progress.step += 1
-        seconds, path = _timed(save)
+        state.step += 1
+        seconds, path = _timed(lambda: manager.save(state.step))
         saves.append(seconds)
-    parts = checkpointer.parts
-    verify_seconds, saved = _timed(lambda: verify(path, parts.rank, parts.world_size))
-    load_same, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=False))
-    load_converted, _ = _timed(lambda: checkpointer.load(path, saved, convert_dense=True))
+    verify_seconds, saved = _timed(lambda: verify(path, manager.rank, manager.world_size))
+
+    def load(convert: bool) -> None:
+        manager.dense.load(path, saved, convert=convert)
+        manager.tables.load(path, saved["format_version"])
+
+    load_same, _ = _timed(lambda: load(False))
+    load_converted, _ = _timed(lambda: load(True))
     return {
         "checkpoint": path.name,
         "bytes": _size(path),
@@ -72,10 +76,10 @@ def worker_ml1m(shards: str, out: str) -> dict:
     trainer = Trainer(cfg, env)
     for i, batch in enumerate(iterate_epoch(trainer.train_data, trainer.train_loader, epoch=0)):
         trainer.train_step(batch)
-        trainer.progress.batch += 1
+        trainer.state.batch += 1
         if i == 2:
             break
-    result = _measure(trainer.checkpoints, trainer.progress, trainer.save_checkpoint)
+    result = _measure(trainer.checkpointer, trainer.state)
     result |= {"items": trainer.num_items, "dense_parameters": sum(x.numel() for x in trainer.model.parameters())}
     return result
 
@@ -84,19 +88,22 @@ def worker_table(rows: int, dim: int, out: str) -> dict:
     import deepspeed
     import torch
 
-    from model.config import ModelConfig
+    from model.config import ModelConfig, RecommenderConfig
+    from model.items import ID_TABLE, TableSpec
     from model.modeling import SequenceRecommender
-    from train.checkpoint import Checkpointer, Progress, TrainingParts
+    from train.checkpoint import CheckpointManager, DenseState, TableState
     from train.config import Config, DataConfig
     from train.distributed import compute_init
     from train.embeddings import ItemEmbeddings
+    from train.policy import TrainState
 
     cfg = Config(data=DataConfig(shards="synthetic"), model=ModelConfig(hidden_size=dim))
     env = compute_init(seed=0)
     started = time.perf_counter()
-    items = ItemEmbeddings(rows, dim, env, "row_wise", "rowwise_adagrad", 0.05, 0)
+    items = ItemEmbeddings([TableSpec(ID_TABLE, rows, dim)], env, "row_wise", "rowwise_adagrad", 0.05, 0)
     build_seconds = time.perf_counter() - started
-    model = SequenceRecommender(cfg.model, 0, 0)
+    vocab = {"items": rows, "actions": 0, "gaps": 0}
+    model = SequenceRecommender(RecommenderConfig.build(cfg.model, vocab))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     engine, _, _, _ = deepspeed.initialize(
@@ -104,20 +111,25 @@ def worker_table(rows: int, dim: int, out: str) -> dict:
     )
     # One real step, so that both optimizers hold state.
     ids = torch.randint(2, rows, (8, 20))
-    vectors = items.lookup(ids.reshape(-1)).reshape(8, 20, dim)
+    vectors = items.lookup(ID_TABLE, ids.reshape(-1)).reshape(8, 20, dim)
     hidden = engine(vectors, torch.full((8,), 20), None, None)
     loss = hidden.pow(2).mean()
     engine.backward(loss)
     engine.step()
-    parts = TrainingParts(engine, model, items, cfg.parallel.zero_stage, env.rank, env.world_size)
-    checkpointer = Checkpointer(Path(out) / "checkpoints", keep=1, parts=parts)
-    meta = {
-        "config": cfg.to_dict(),
-        "vocab": {"items": rows, "actions": 0, "gaps": 0},
-        "scheduler": scheduler.state_dict(),
-    }
-    progress = Progress()
-    result = _measure(checkpointer, progress, lambda: checkpointer.save(progress, meta, {}))
+    state = TrainState()
+    manager = CheckpointManager(
+        Path(out) / "checkpoints",
+        keep=1,
+        dense=DenseState(engine, model, cfg.parallel.zero_stage),
+        tables=TableState(items),
+        data=_NoData(state),
+        states={"progress": state},
+        describe={"config": cfg.to_dict(), "vocab": vocab, "precision": "fp32", "sharding": "row_wise"},
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=0,
+    )
+    result = _measure(manager, state)
     return result | {
         "rows": rows,
         "dim": dim,
@@ -126,8 +138,20 @@ def worker_table(rows: int, dim: int, out: str) -> dict:
     }
 
 
+class _NoData:
+    """No data stream: the table case checkpoints tables and weights only."""
+
+    signature: dict = {}
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def worker_consolidate(checkpoint: str, out: str) -> dict:
-    from train.checkpoint import consolidate
+    from train.saved_model import consolidate
 
     seconds, _ = _timed(lambda: consolidate(Path(checkpoint), Path(out), log=lambda _: None))
     return {

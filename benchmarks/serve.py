@@ -327,14 +327,15 @@ def _synthetic_artifacts(run: Path, paths: dict[str, Path], rows: int, dim: int)
     import numpy as np
     import pyarrow as pa
 
-    from model.config import ModelConfig
+    from model.config import RecommenderConfig
     from model.modeling import SequenceRecommender
     from serve.artifact import ArtifactWriter
+    from train.saved_model import read_saved_model
 
-    model = json.loads((run / "best" / "meta.json").read_text())["config"]["model"]
-    cfg = ModelConfig(**{**model, "hidden_size": dim})
-    dense = {k: v.numpy() for k, v in SequenceRecommender(cfg).state_dict().items()}
-    config = {"model": dataclasses.asdict(cfg), "vocab": {"items": rows, "actions": 0, "gaps": 0}}
+    cfg = dataclasses.replace(read_saved_model(run / "best").config.architecture, hidden_size=dim)
+    vocab = {"items": rows, "actions": 0, "gaps": 0}
+    dense = {k: v.numpy() for k, v in SequenceRecommender(RecommenderConfig.build(cfg, vocab)).state_dict().items()}
+    config = {"model": cfg.to_dict(), "vocab": vocab}
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writers = [
@@ -464,42 +465,38 @@ def section_score(args, work: Path) -> dict:
 
 
 def _synthetic_model(run: Path, model_dir: Path, shards_dir: Path, rows: int, dim: int) -> dict:
-    """A consolidated model (meta.json, model.safetensors, items.safetensors) with a random
-    ``rows`` x ``dim`` fp32 table, and a shards-like directory holding only items.parquet."""
+    """A saved model with a random ``rows`` x ``dim`` fp32 table (written by the saved-model
+    writer, a block at a time), and a shards-like directory holding only items.parquet."""
+    import dataclasses
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from safetensors.torch import save_file
+    import torch
 
-    from model.config import ModelConfig
+    from model.config import RecommenderConfig
     from model.modeling import SequenceRecommender
-    from serve.tensorfile import BlockWriter
+    from train.saved_model import read_saved_model, write_saved_model
 
-    meta = json.loads((run / "best" / "meta.json").read_text())
-    meta.pop("test", None)
-    meta["config"]["model"]["hidden_size"] = dim
-    meta["config"]["data"]["shards"] = str(shards_dir)
-    meta["config"]["output"]["dir"] = str(model_dir.parent)
-    meta["vocab"]["items"] = rows
-    meta.update({"step": 0, "best_valid_ndcg10": None, "source_checkpoint": "synthetic"})
-    model_dir.mkdir(parents=True)
+    source = read_saved_model(run / "best")
+    cfg = dataclasses.replace(source.config.architecture, hidden_size=dim)
+    config = RecommenderConfig.build(cfg, {**source.config.vocab, "items": rows})
+    training = dict(source.training)
+    training.pop("test", None)
+    training["config"] = {**training["config"], "model": cfg.to_dict()}
+    training["config"]["data"] = {**training["config"]["data"], "shards": str(shards_dir)}
+    training.update({"step": 0, "best_valid_ndcg10": None, "source_checkpoint": "synthetic"})
     shards_dir.mkdir(parents=True)
     timings = {}
     started = time.perf_counter()
-    model = SequenceRecommender(ModelConfig(**meta["config"]["model"]), meta["vocab"]["actions"], meta["vocab"]["gaps"])
-    save_file(
-        {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, model_dir / "model.safetensors"
-    )
+    dense = SequenceRecommender(config).state_dict()
     generator = np.random.default_rng(0)
+
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(generator.standard_normal((stop - start, dim), dtype=np.float32))
+
     block = 1 << 20
-    with BlockWriter(
-        model_dir / "items.safetensors", {"items": (np.float32, (rows, dim))}, {"source": "synthetic"}
-    ) as w:
-        for start in range(0, rows, block):
-            w.write(
-                "items", start, generator.standard_normal((min(rows, start + block) - start, dim), dtype=np.float32)
-            )
-    (model_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_saved_model(model_dir, config, dense, rows_of, None, training, block_rows=block)
     timings["write_model_seconds"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     schema = pa.schema([("index", pa.int64()), ("raw_id", pa.int64()), ("count", pa.int64())])
@@ -757,7 +754,7 @@ def main() -> None:
         parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.skip_100m and "export100m" in sections:
         sections.remove("export100m")
-    for path, what in ((args.run / "best" / "meta.json", "--run"), (args.shards / "manifest.json", "--shards")):
+    for path, what in ((args.run / "best" / "items.safetensors", "--run"), (args.shards / "manifest.json", "--shards")):
         if not path.exists():
             raise SystemExit(f"{what}: {path} not found")
 

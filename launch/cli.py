@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -198,21 +199,23 @@ class UsageError(Exception):
 def cmd_train(args) -> int:
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
+    from train.saved_model import SourceError
     from train.train import main as train_main
 
     try:
         train_main(args.config, args.set, args.resume, args.init_from)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, SourceError) as e:
         raise UsageError(str(e)) from None
     return 0
 
 
 def cmd_checkpoint_consolidate(args) -> int:
-    from train.checkpoint import CheckpointError, consolidate
+    from train.checkpoint import CheckpointError
+    from train.saved_model import SourceError, consolidate
 
     try:
         consolidate(args.checkpoint, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, SourceError) as e:
         raise UsageError(str(e)) from None
     return 0
 
@@ -238,15 +241,17 @@ def cmd_checkpoint_list(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    if args.artifact is not None:
-        from serve.artifact import ArtifactError
+    from serve import artifact
+
+    if (args.source / artifact.MANIFEST).exists():
+        # An artifact is measured through the serving code; no training code is loaded.
         from serve.offline import evaluate_artifact
         from serve.recommender import Recommender
 
         try:
-            rec = Recommender.load(args.artifact)
+            rec = Recommender.load(args.source)
             result = evaluate_artifact(rec, args.shards or rec.config["shards"], args.split)
-        except (ArtifactError, FileNotFoundError, ValueError) as e:
+        except (artifact.ArtifactError, FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
         groups = {k: result.pop(k) for k in ("cold", "warm") if k in result}
         print(f"{'metric':<10}{'artifact':>10}")
@@ -257,11 +262,12 @@ def cmd_eval(args) -> int:
                 f"{name} targets ({values['users']} users): HR@10 {values['HR@10']:.4f}, NDCG@10 {values['NDCG@10']:.4f}"
             )
         return 0
-    from train.evaluate import evaluate_saved, metrics_table
+    from train.checkpoint import CheckpointError
+    from train.evaluate import evaluate_source, metrics_table
 
     try:
-        result = evaluate_saved(args.model, args.split, args.shards)
-    except (FileNotFoundError, ValueError) as e:
+        result = evaluate_source(args.source, args.split, args.shards)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     print(metrics_table(result))
     return 0
@@ -347,8 +353,10 @@ def _add_train(sub) -> None:
     checkpoint = sub.add_parser("checkpoint", help="list and consolidate training checkpoints").add_subparsers(
         dest="checkpoint_cmd", required=True
     )
-    p = checkpoint.add_parser("consolidate", help="one fp32 safetensors model (dense + full item table)")
-    p.add_argument("checkpoint", type=Path, help="a checkpoint, e.g. runs/x/checkpoints/step_000000120")
+    p = checkpoint.add_parser("consolidate", help="a checkpoint as a saved model (dense weights + full item table)")
+    p.add_argument(
+        "checkpoint", type=Path, help="a checkpoint (runs/x/checkpoints/step_000000120) or a checkpoint directory"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_checkpoint_consolidate)
     p = checkpoint.add_parser("list", help="the checkpoints in a directory, newest first")
@@ -356,19 +364,24 @@ def _add_train(sub) -> None:
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.set_defaults(func=cmd_checkpoint_list)
 
-    p = sub.add_parser("eval", help="evaluate a saved model or a serving artifact on a split, in one process")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", type=Path, help="a saved model directory, e.g. runs/demo/train/best")
-    which.add_argument("--artifact", type=Path, help="an exported artifact, evaluated through the serving code")
+    p = sub.add_parser("eval", help="evaluate a trained model or a serving artifact on a split, in one process")
+    p.add_argument(
+        "source",
+        type=Path,
+        help="a saved model (RUN/best), a run, a checkpoint or checkpoint directory, or a serving artifact "
+        "(evaluated through the serving code)",
+    )
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--shards", help="default: the shards the model was trained on")
     p.set_defaults(func=cmd_eval)
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("export", help="a checkpoint (or consolidated model) into a quantized serving artifact")
+    p = sub.add_parser("export", help="a trained model into a quantized serving artifact")
     p.add_argument(
-        "source", type=Path, help="a checkpoint (RUN/checkpoints/step_N), a saved model, or an artifact (--add-items)"
+        "source",
+        type=Path,
+        help="a saved model (RUN/best), a run, a checkpoint or checkpoint directory; an artifact with --add-items",
     )
     p.add_argument(
         "--add-items",
@@ -422,7 +435,10 @@ def _run_launcher(command: list[str], endpoint: str | None = None) -> int:
     import threading
 
     print(f"lmrec launch: {shlex.join(command)}", flush=True)
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    # torchrun sets one OpenMP thread per process when none is set, and prints a banner saying
+    # so; lmrec sets the same itself (override it with OMP_NUM_THREADS).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
     timed_out = threading.Event()
 
     def relay():
@@ -607,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.train_args = train_args
     from data.errors import DataError
+    from launch import notices
+
+    notices.install()
 
     try:
         return args.func(args)

@@ -56,7 +56,7 @@ def main() -> None:
     lmrec("data", "inspect", shards, "--verify")
     # Two ranks on this machine: TorchRec shards the item table, DeepSpeed ZeRO-2 trains the rest.
     torchrun_lmrec(2, "train", "--config", "configs/ml-100k.yaml")
-    lmrec("eval", "--model", RUN / "train" / "best", "--split", "test")
+    lmrec("eval", RUN / "train" / "best", "--split", "test")
     # The serving artifact: int8 weights and item table, measured through the serving code on export.
     artifact = RUN / "artifact-int8"
     lmrec("export", RUN / "train" / "best", "--out", artifact, "--quant", "int8", "--overwrite")

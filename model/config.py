@@ -1,16 +1,36 @@
-"""The model's configuration: which transformers decoder, how big, which input features, which
-loss. Vocabulary sizes are not here: they come from the data's manifest."""
+"""The model's configuration.
+
+``ModelConfig`` is the ``model`` section of a training recipe: which transformers decoder, how
+big, which input features, how an item is represented. Architecture only: how the model is
+trained (the objectives) is the training config's business, and vocabulary sizes come from the
+data's manifest.
+
+``RecommenderConfig`` is the transformers ``PreTrainedConfig`` of a built model: the
+architecture plus the sizes it was built for (items, actions, time gaps, text) and the text
+features its item vectors expect. ``save_pretrained`` writes it as ``config.json``; it is
+registered with ``AutoConfig`` as model type ``lmrec`` (see model.modeling).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-LOSSES = ("full", "sampled", "in_batch")
-NEGATIVE_SAMPLERS = ("uniform", "popularity")
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+MODEL_TYPE = "lmrec"
+# Fields that lived in the model section before the objectives became their own section; saved
+# models, checkpoints and artifacts written then still carry them. They do not change the
+# architecture, so reading an old model drops them (training maps them to the loss section).
+RETIRED_FIELDS = ("loss", "num_negatives", "negative_sampler", "action_loss_weight", "positive_action_min")
 
 
 @dataclass
 class ModelConfig:
+    # Parsed by pydantic in train.config (an attribute, not a field: model/ does not import it).
+    __pydantic_config__ = {"extra": "forbid"}
+
     backbone: str = "llama"  # any transformers model_type whose base model takes inputs_embeds causally
     hidden_size: int = 64
     num_layers: int = 2
@@ -22,15 +42,11 @@ class ModelConfig:
     use_gaps: bool = True  # add a time-gap-bucket embedding, when the data has timestamps
     normalize: bool = True  # score by cosine similarity / temperature instead of dot product
     temperature: float = 0.05
-    loss: str = "full"
-    num_negatives: int = 1024  # for loss "sampled"
-    negative_sampler: str = "uniform"
     action_head: bool = False  # predict the next event's action from (history, next item)
-    action_loss_weight: float = 0.5
-    positive_action_min: float = 4.0  # action head target: raw action value >= this (e.g. rating >= 4)
     backbone_options: dict = field(default_factory=dict)  # passed to the transformers config as is
-    # The item representation, input token and scoring target alike: the sum of the parts enabled.
-    # Text parts need shards prepared with --item-text. (The ID table is allocated either way.)
+    # The item representation, input token and scoring target alike: the sum of the parts enabled
+    # (model.items). Text parts need shards prepared with --item-text. (The ID table is allocated
+    # either way.)
     item_id: bool = True  # a learned embedding per item ID
     item_text: bool = False  # a learned projection of the item's pretrained sentence-encoder vector
     item_text_tokens: bool = False  # the mean of learned embeddings of the item's hashed text tokens
@@ -48,12 +64,6 @@ class ModelConfig:
             )
         if self.backbone not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(f"model.backbone: {self.backbone!r} is not a causal language model in transformers")
-        if self.loss not in LOSSES:
-            raise ValueError(f"model.loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.negative_sampler not in NEGATIVE_SAMPLERS:
-            raise ValueError(
-                f"model.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
-            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -68,8 +78,14 @@ class ModelConfig:
             )
         if not (self.item_id or self.item_text or self.item_text_tokens):
             raise ValueError("model: at least one of item_id, item_text and item_text_tokens must be on")
-        if self.loss == "sampled" and self.num_negatives < 1:
-            raise ValueError("model.num_negatives must be >= 1 for the sampled loss")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """A model section as saved by any lmrec version (retired fields dropped)."""
+        return cls(**{k: v for k, v in values.items() if k not in RETIRED_FIELDS})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     @property
     def uses_text(self) -> bool:
@@ -109,3 +125,40 @@ class ModelConfig:
         for name, value in self.backbone_options.items():
             setattr(config, name, value)
         return config
+
+
+@strict
+class RecommenderConfig(PreTrainedConfig):
+    """A built model: ``model`` is its ModelConfig as a dict (one definition of the architecture's
+    fields), the rest the vocabulary it was built for."""
+
+    model_type = MODEL_TYPE
+
+    model: dict = field(default_factory=dict)
+    num_items: int = 0
+    num_actions: int = 0  # 0: the data had no actions
+    num_gaps: int = 0  # 0: the data had no timestamps
+    text_dim: int = 0  # width of the pretrained text vectors, for model.item_text
+    # The text features the item vectors were built from (encoder and tokenizer fingerprints):
+    # an item added from text must be encoded the same way.
+    text: dict | None = None
+
+    @classmethod
+    def build(cls, model: ModelConfig, vocab: dict, text: dict | None = None) -> RecommenderConfig:
+        """From a ModelConfig and vocabulary sizes ``{"items", "actions", "gaps", "text_dim"}``."""
+        return cls(
+            model=model.to_dict(),
+            num_items=int(vocab["items"]),
+            num_actions=int(vocab.get("actions", 0)),
+            num_gaps=int(vocab.get("gaps", 0)),
+            text_dim=int(vocab.get("text_dim", 0)),
+            text=text,
+        )
+
+    @property
+    def architecture(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    @property
+    def vocab(self) -> dict:
+        return {"items": self.num_items, "actions": self.num_actions, "gaps": self.num_gaps, "text_dim": self.text_dim}

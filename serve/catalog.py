@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data.text import TEXT_COLUMNS, YEAR_COLUMNS, HashedTokenizer, SentenceEncoder, build_text_features, item_text
+from model.items import ID_TABLE, TOKEN_TABLE, ItemCatalog, PlainItemTables
 from serve import artifact
 from serve.artifact import ArtifactError, ArtifactWriter
 from serve.recommender import Recommender
@@ -77,15 +78,17 @@ def text_item_vectors(rec: Recommender, texts: list[str], token_table: np.ndarra
         )
     features, _ = build_text_features(texts, HashedTokenizer.from_dict(spec["tokenizer"]), encoder)
     n = len(texts)
-    vectors = model.item_encoder.from_tables(
-        torch.zeros(n, model.cfg.hidden_size),
+    # No training events, so no ID part: the vectors are their text parts alone.
+    catalog = ItemCatalog(
+        torch.zeros(n, dtype=torch.float64),
         torch.from_numpy(features.vectors),
-        None if token_table is None else torch.from_numpy(token_table),
-        torch.from_numpy(features.token_ids),
         torch.from_numpy(features.token_offsets),
-        torch.zeros(n, dtype=torch.bool),
+        torch.from_numpy(features.token_ids),
     )
-    return vectors.numpy()
+    tables = {ID_TABLE: torch.zeros(n, model.cfg.hidden_size)}
+    if token_table is not None:
+        tables[TOKEN_TABLE] = torch.from_numpy(token_table)
+    return model.item_encoder(torch.arange(n), PlainItemTables(tables), catalog).numpy()
 
 
 def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False, log=print) -> Path:

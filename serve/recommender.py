@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data import schema
-from model.config import ModelConfig
+from model.config import ModelConfig, RecommenderConfig
 from model.modeling import SequenceRecommender
 from serve import artifact
 from serve.artifact import OFFSET, SCALE
@@ -161,10 +161,10 @@ class Vocabulary:
 class Recommender:
     def __init__(self, path: Path, manifest: dict, config: dict, dense: dict, items: dict, vocab, block_rows: int):
         self.path, self.manifest, self.config = Path(path), manifest, config
-        vocab_sizes = config["vocab"]
-        self.model = SequenceRecommender(
-            ModelConfig(**config["model"]), vocab_sizes["actions"], vocab_sizes["gaps"], vocab_sizes.get("text_dim", 0)
+        model_config = RecommenderConfig.build(
+            ModelConfig.from_dict(config["model"]), config["vocab"], config.get("text")
         )
+        self.model = SequenceRecommender(model_config)
         try:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()})
         except RuntimeError as e:

@@ -55,7 +55,15 @@ def torchrun_train(out, shards, *overrides, nproc=2, config="configs/debug.yaml"
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((Path(out) / "metrics.json").read_text()), done.stdout
+    summary = json.loads((Path(out) / "metrics.json").read_text())
+    summary["losses"] = [loss for _, loss in sorted(run_losses(out).items())]
+    return summary, done.stdout
+
+
+def run_losses(out) -> dict[int, float]:
+    """step -> global loss, from a run directory's losses.jsonl."""
+    lines = (Path(out) / "losses.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,17 +1,17 @@
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model.config import ModelConfig
-from model.losses import full_softmax_loss, in_batch_loss, sampled_softmax_loss
+from model.config import ModelConfig, RecommenderConfig
 from model.modeling import SequenceRecommender
 
 
-def _tiny(backbone="llama", **kw):
+def _config(backbone="llama", **kw) -> RecommenderConfig:
     cfg = ModelConfig(backbone=backbone, hidden_size=16, num_layers=2, num_heads=2, max_len=12, dropout=0.0, **kw)
-    return SequenceRecommender(cfg, num_actions=5, num_gaps=8).eval()
+    return RecommenderConfig.build(cfg, {"items": 30, "actions": 5, "gaps": 8})
+
+
+def _tiny(backbone="llama", **kw):
+    return SequenceRecommender(_config(backbone, **kw)).eval()
 
 
 @pytest.mark.parametrize("backbone", ["llama", "qwen2", "gpt2"])
@@ -51,7 +51,7 @@ def test_padding_does_not_change_real_positions():
     ("kwargs", "message"),
     [
         ({"backbone": "no-such-model"}, "unknown transformers model type 'no-such-model'"),
-        ({"loss": "hinge"}, "model.loss must be one of"),
+        ({"item_id": False}, "at least one of item_id, item_text and item_text_tokens"),
         ({"hidden_size": 10, "num_heads": 3}, "must be divisible"),
     ],
 )
@@ -60,33 +60,25 @@ def test_bad_model_config(kwargs, message):
         ModelConfig(**kwargs)
 
 
-def test_full_softmax_ignores_reserved_columns_and_zero_weights():
-    logits = torch.tensor([[5.0, 5.0, 1.0, 2.0], [9.0, 0.0, 0.0, 3.0]])
-    targets = torch.tensor([3, 2])
-    loss = full_softmax_loss(logits, targets, torch.tensor([1.0, 0.0]))
-    # Row 0 over columns 2, 3: -log(e^2 / (e^1 + e^2))
-    assert math.isclose(loss.item(), -math.log(math.e**2 / (math.e + math.e**2)), rel_tol=1e-6)
-    assert full_softmax_loss(logits, targets, torch.zeros(2)).item() == 0.0
+def test_save_pretrained_and_the_auto_classes_round_trip(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(2)
+    model = _tiny(action_head=True)
+    model.save_pretrained(tmp_path / "m")
+    assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "lmrec"
+    loaded = AutoModel.from_pretrained(tmp_path / "m")
+    assert type(loaded) is SequenceRecommender and loaded.config.vocab == model.config.vocab
+    assert loaded.cfg == model.cfg
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    items, lengths = torch.randn(2, 5, 16), torch.tensor([5, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(items, lengths), model(items, lengths), rtol=0, atol=0)
 
 
-def test_sampled_softmax_masks_accidental_hits_and_applies_log_q():
-    positive = torch.tensor([2.0])
-    negatives = torch.tensor([7, 9, 4])
-    negative_logits = torch.tensor([[1.0, 3.0, 0.5]])
-    targets = torch.tensor([9])  # negative 9 is the target itself: masked
-    log_q = torch.log(torch.tensor([0.1, 0.2, 0.3]))
-    loss = sampled_softmax_loss(
-        positive, negative_logits, targets, negatives, torch.log(torch.tensor([0.2])), log_q, torch.ones(1)
-    )
-    kept = torch.tensor([2.0 - math.log(0.2), 1.0 - math.log(0.1), 0.5 - math.log(0.3)])
-    assert math.isclose(loss.item(), F.cross_entropy(kept[None], torch.tensor([0])).item(), rel_tol=1e-6)
-
-
-def test_in_batch_loss_masks_repeated_targets():
-    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 5.0], [1.0, 1.0, 1.0]])
-    targets = torch.tensor([4, 6, 4])  # positions 0 and 2 share a target
-    loss = in_batch_loss(logits, targets, torch.zeros(3), torch.ones(3))
-    row0 = F.cross_entropy(torch.tensor([[3.0, 1.0]]), torch.tensor([0]))
-    row1 = F.cross_entropy(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([1]))
-    row2 = F.cross_entropy(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
-    assert math.isclose(loss.item(), ((row0 + row1 + row2) / 3).item(), rel_tol=1e-6)
+def test_retired_objective_fields_are_dropped_from_old_model_sections():
+    old = {**ModelConfig(hidden_size=8).to_dict(), "loss": "sampled", "num_negatives": 10, "action_loss_weight": 0.5}
+    assert ModelConfig.from_dict(old) == ModelConfig(hidden_size=8)
+    with pytest.raises(TypeError):
+        ModelConfig.from_dict({**old, "not_a_field": 1})

@@ -25,7 +25,7 @@ def _raw_ids(artifact):
 
 
 def test_fp32_artifact_ranks_exactly_like_the_training_evaluator(trained_run, artifacts):
-    from train.evaluate import load_model
+    from train.saved_model import load_source
 
     shards, run = trained_run
     trained = json.loads((run / "metrics.json").read_text())["test"]["model"]
@@ -35,7 +35,8 @@ def test_fp32_artifact_ranks_exactly_like_the_training_evaluator(trained_run, ar
     for key in ("HR@1", "HR@10", "NDCG@10", "NDCG@50"):
         assert served[key] == pytest.approx(trained[key], abs=1e-9), key
     # Same top-K as the training model's own scoring, user by user.
-    _, model, table = load_model(run / "best")
+    saved = load_source(run / "best")
+    model, table = saved.model(), saved.table()
     rec = Recommender.load(artifacts["fp32"])
     items = torch.randint(2, len(table), (16, 12))
     lengths = torch.randint(1, 13, (16,))
@@ -103,7 +104,7 @@ def test_recommend_handles_unknown_empty_long_and_filtered_histories(artifacts):
 def test_block_scores_on_the_quantized_table_equal_scores_of_dequantized_rows(rows, dim, quant, normalize, seed):
     """The served ranking multiplies queries with integer codes and applies scale and offset
     afterwards; it must equal scoring the dequantized rows, in any block size."""
-    from model.config import ModelConfig
+    from model.config import ModelConfig, RecommenderConfig
     from model.modeling import SequenceRecommender
     from serve import quant as q
 
@@ -112,9 +113,8 @@ def test_block_scores_on_the_quantized_table_equal_scores_of_dequantized_rows(ro
     codes, scale, offset = (q.quantize_rows_int8 if quant == "int8" else q.quantize_rows_int4)(values)
     tensors = {"items": codes, "items.scale": scale, "items.offset": offset}
     table = ItemTable(tensors, quant, dim, normalize, block_rows=7)
-    model = SequenceRecommender(
-        ModelConfig(backbone="gpt2", hidden_size=dim, num_heads=1, num_layers=1, normalize=normalize)
-    )
+    cfg = ModelConfig(backbone="gpt2", hidden_size=dim, num_heads=1, num_layers=1, normalize=normalize)
+    model = SequenceRecommender(RecommenderConfig.build(cfg, {"items": rows}))
     hidden = torch.from_numpy(generator.normal(size=(3, dim)).astype(np.float32))
     dequantized = table.dequantize(0, rows)
     expected = model.scores(hidden, dequantized)
@@ -144,8 +144,11 @@ def test_damaged_artifacts_are_refused_with_the_file_named(artifacts, tmp_path):
     done = run_cli("serve", tmp_path / "old", "--port", 1, check=False)
     assert done.returncode == 2 and "format version" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("export", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
-    assert done.returncode == 2 and "neither a training checkpoint" in done.stderr
-    assert not (tmp_path / "x").exists()
+    assert done.returncode == 2 and "nowhere: no such file or directory" in done.stderr
+    (tmp_path / "empty").mkdir()
+    done = run_cli("export", tmp_path / "empty", "--out", tmp_path / "x", check=False)
+    assert done.returncode == 2 and "empty: not a trained model: expected a checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x").exists()
 
 
 RSS_PROBE = """
@@ -167,12 +170,13 @@ print(json.dumps({"grown": process.memory_info().rss - before}))
 def _synthetic_artifact(path, rows, dim=64):
     import pyarrow as pa
 
-    from model.config import ModelConfig
+    from model.config import ModelConfig, RecommenderConfig
     from model.modeling import SequenceRecommender
 
     cfg = ModelConfig(hidden_size=dim, num_layers=1, num_heads=2, max_len=20, use_actions=False, use_gaps=False)
-    dense = {k: v.numpy() for k, v in SequenceRecommender(cfg).state_dict().items()}
-    config = {"model": cfg.__dict__, "vocab": {"items": rows, "actions": 0, "gaps": 0}}
+    vocab = {"items": rows, "actions": 0, "gaps": 0}
+    dense = {k: v.numpy() for k, v in SequenceRecommender(RecommenderConfig.build(cfg, vocab)).state_dict().items()}
+    config = {"model": cfg.to_dict(), "vocab": vocab}
     with ArtifactWriter(path, "int8", config, rows, dim) as writer:
         writer.write_dense(dense)
         generator = np.random.default_rng(0)
@@ -204,7 +208,7 @@ def test_an_int8_artifact_stays_int8_in_memory(tmp_path):
 def test_lmrec_eval_of_an_artifact_prints_the_training_metrics(trained_run, artifacts):
     _, run = trained_run
     trained = json.loads((run / "metrics.json").read_text())["test"]["model"]
-    done = run_cli("eval", "--artifact", artifacts["fp32"])
+    done = run_cli("eval", artifacts["fp32"])
     printed = dict(line.split() for line in done.stdout.splitlines()[1:] if line.strip())
     assert float(printed["NDCG@10"]) == pytest.approx(trained["NDCG@10"], abs=1e-4)
     assert int(printed["users"]) == trained["users"]
@@ -214,7 +218,7 @@ def test_export_from_a_training_checkpoint_streams_its_table_unchanged(trained_r
     from safetensors.numpy import load_file
 
     from serve.tensorfile import map_tensors
-    from train.checkpoint import read_item_rows, resolve
+    from train.checkpoint import read_table_rows, resolve
 
     _, run = trained_run
     checkpoint, meta = resolve("auto", run / "checkpoints")
@@ -223,8 +227,7 @@ def test_export_from_a_training_checkpoint_streams_its_table_unchanged(trained_r
     assert f"exported {run / 'checkpoints'}" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == {"checkpoint": str(checkpoint), "step": meta["progress"]["step"]}
-    rows = meta["vocab"]["items"]
-    np.testing.assert_array_equal(map_tensors(out / "items.safetensors")["items"], read_item_rows(checkpoint, 0, rows))
+    np.testing.assert_array_equal(map_tensors(out / "items.safetensors")["items"], read_table_rows(checkpoint))
     dense = load_file(str(checkpoint / "dense.safetensors"))
     exported = load_file(str(out / "model.safetensors"))
     assert {f"weight/{k}" for k in exported} <= set(dense)

@@ -13,8 +13,9 @@ def _port() -> int:
 def test_exporter_serves_training_metrics_on_base_port_plus_rank():
     base = _port() - 1
     telemetry = TrainingTelemetry(base, rank=1)
-    telemetry.step(tokens=120, loss=2.5, lr=1e-3, step_seconds=0.2, data_seconds=0.01)
-    telemetry.step(tokens=80, loss=2.0, lr=1e-3, step_seconds=0.3, data_seconds=0.02)
+    telemetry.step(tokens=120, lr=1e-3, step_seconds=0.2, data_seconds=0.01)
+    telemetry.step(tokens=80, lr=1e-3, step_seconds=0.3, data_seconds=0.02)
+    telemetry.losses(first_step=1, values=[2.5, 2.0])
     telemetry.evaluation({"split": "valid", "model": {"NDCG@10": 0.3}, "popularity": {"NDCG@10": 0.1}})
     text = urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/metrics", timeout=5).read().decode()
     assert 'lmrec_train_tokens_total{rank="1"} 200.0' in text
@@ -32,7 +33,8 @@ def test_tensorboard_scalars_from_rank_zero_only(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = TrainingTelemetry(0, rank=0, tensorboard_dir=str(tmp_path / "tb"))
-    board.step(tokens=10, loss=3.0, lr=1e-3, step_seconds=0.1, data_seconds=0.0)
+    board.step(tokens=10, lr=1e-3, step_seconds=0.1, data_seconds=0.0)
+    board.losses(first_step=1, values=[3.0])
     board.evaluation({"split": "valid", "model": {"NDCG@10": 0.25}, "popularity": {"NDCG@10": 0.1}})
     board.close()
     events = EventAccumulator(str(tmp_path / "tb"))

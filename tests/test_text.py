@@ -70,29 +70,31 @@ def _token_worker(rank: int, world: int, port: int, batches, out) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    from model.items import ID_TABLE, TOKEN_TABLE, TableSpec
     from train.distributed import compute_cleanup, compute_init
     from train.embeddings import ItemEmbeddings
 
     env = compute_init(seed=0)
-    tables = ItemEmbeddings(50, 8, env, "row_wise", "sgd", 0.5, seed=3, text_buckets=40)
+    specs = [TableSpec(ID_TABLE, 50, 8), TableSpec(TOKEN_TABLE, 40, 8, pooled=True)]
+    tables = ItemEmbeddings(specs, env, "row_wise", "sgd", 0.5, seed=3)
     mine = batches if world == 1 else batches[rank : rank + 1]
     tokens = torch.cat([b[0] for b in mine])
     lengths = torch.cat([b[1] for b in mine])
-    pooled = tables.pool_tokens(tokens, lengths)
-    before = tables.token_table().clone()
+    pooled = tables.pool(TOKEN_TABLE, tokens, lengths)
+    before = tables.full(TOKEN_TABLE).clone()
     # The same per-bag loss weights as the one process gives these bags, times the world size:
     # TorchRec divides sharded tables' gradients by it (the trainer's loss is scaled the same way).
     weights = torch.arange(8 * 8, dtype=torch.float32).reshape(8, 8).sin()
     weights = weights if world == 1 else weights[4 * rank : 4 * rank + 4] * world
     pooled.backward(weights)  # the fused SGD updates the shards inside backward
-    torch.save({"pooled": pooled.detach(), "before": before, "after": tables.token_table()}, f"{out}/rank{rank}.pt")
+    torch.save({"pooled": pooled.detach(), "before": before, "after": tables.full(TOKEN_TABLE)}, f"{out}/rank{rank}.pt")
     compute_cleanup()
 
 
 def test_token_table_sharded_over_two_ranks_matches_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from model.modeling import pool_tokens
+    from model.items import TOKEN_TABLE, PlainItemTables
 
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -109,8 +111,8 @@ def test_token_table_sharded_over_two_ranks_matches_one_process(tmp_path):
     torch.testing.assert_close(torch.cat([t["pooled"] for t in two]), one["pooled"])
     # The pooled rows are the mean of the table's rows: what serving computes without TorchRec.
     tokens, lengths = batches[0]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    torch.testing.assert_close(two[0]["pooled"], pool_tokens(one["before"], tokens, offsets))
+    plain = PlainItemTables({TOKEN_TABLE: one["before"]})
+    torch.testing.assert_close(two[0]["pooled"], plain.pool(TOKEN_TABLE, tokens, lengths))
     assert not torch.equal(one["after"], one["before"])
     for rank in range(2):
         torch.testing.assert_close(two[rank]["after"], one["after"])
@@ -154,7 +156,7 @@ def test_text_aware_export_from_checkpoint_equals_the_training_model(text_run, t
     # The checkpoint's ID rows, projection and token table composed in one process give the
     # table the 2-rank training scored with.
     np.testing.assert_allclose(map_tensors(tmp_path / "art" / "items.safetensors")["items"], best["items"], atol=1e-5)
-    done = run_cli("eval", "--artifact", tmp_path / "art")
+    done = run_cli("eval", tmp_path / "art")
     printed = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("HR@", "NDCG@")))
     assert float(printed["NDCG@10"]) == pytest.approx(metrics["test"]["model"]["NDCG@10"], abs=1e-4)
     assert f"cold targets ({metrics['test']['cold']['users']} users)" in done.stdout
@@ -173,7 +175,7 @@ def test_text_aware_run_resumes_bit_identically(text_run, tmp_path):
     (tmp_path / "run" / "checkpoints" / "latest").write_text(name + "\n")
     resumed, log = torchrun_train(tmp_path / "run", shards, *TEXT_RUN, train_args=["--resume", "auto"])
     assert f"at step {first} " in log
-    assert resumed["losses"] == metrics["losses"]
+    assert resumed["losses"] == metrics["losses"][first:]  # the resumed run logs the steps after the checkpoint
     assert resumed["test"]["model"] == metrics["test"]["model"]
 
 
@@ -182,8 +184,9 @@ def test_served_artifact_recommends_an_item_added_from_text(text_run, tmp_path):
     from safetensors.torch import load_file
 
     from data.text import HashedTokenizer, build_text_features
+    from model.items import ID_TABLE, TOKEN_TABLE, ItemCatalog, PlainItemTables
     from serve.recommender import Recommender
-    from train.evaluate import ItemText, compose_items, load_model
+    from train.saved_model import load_source
 
     shards, run, _ = text_run
     art, grown = tmp_path / "art", tmp_path / "grown"
@@ -205,20 +208,21 @@ def test_served_artifact_recommends_an_item_added_from_text(text_run, tmp_path):
     n = old.items.rows
     np.testing.assert_array_equal(rec.items.dequantize(0, n).numpy(), old.items.dequantize(0, n).numpy())
     # The new row is what training composes for an item with this text and no training events.
-    meta, model, _ = load_model(run / "best")
+    saved = load_source(run / "best")
+    model = saved.model()
     features, _ = build_text_features(
-        [f"premium {genre} 90001. {genre}"], HashedTokenizer.from_dict(meta["text"]["tokenizer"])
+        [f"premium {genre} 90001. {genre}"], HashedTokenizer.from_dict(saved.config.text["tokenizer"])
     )
-    text = ItemText(
-        meta["text"],
+    catalog = ItemCatalog(
+        torch.zeros(1, dtype=torch.float64),
         torch.from_numpy(features.vectors),
         torch.from_numpy(features.token_offsets),
         torch.from_numpy(features.token_ids),
     )
     tokens = load_file(str(run / "best" / "items.safetensors"))["text_tokens"]
-    expected = compose_items(
-        model, 0, torch.zeros(1, model.cfg.hidden_size), text, torch.zeros(1, dtype=torch.bool), tokens
-    )
+    tables = PlainItemTables({ID_TABLE: torch.zeros(1, model.cfg.hidden_size), TOKEN_TABLE: tokens})
+    with torch.no_grad():
+        expected = model.item_encoder(torch.arange(1), tables, catalog)
     np.testing.assert_allclose(rec.items.dequantize(n, n + 1).numpy(), expected.numpy(), atol=0.05)
 
     server = Server(grown, tmp_path)
@@ -230,6 +234,8 @@ def test_served_artifact_recommends_an_item_added_from_text(text_run, tmp_path):
 
 
 def test_init_from_carries_the_backbone_and_refuses_a_mismatch(text_run, tmp_path):
+    from safetensors.torch import load_file
+
     shards, run, _ = text_run
     other = tmp_path / "other"
     run_cli(
@@ -238,13 +244,26 @@ def test_init_from_carries_the_backbone_and_refuses_a_mismatch(text_run, tmp_pat
     )  # fmt: skip
     base = ["--config", "configs/debug.yaml", "--set", f"data.shards={other}", "--set", "model.item_text=true"]
     base += ["--set", "model.item_text_tokens=true", "--set", "model.action_head=true", "--set", "schedule.epochs=1"]
+    base += ["--set", "loss.auxiliary.action=0.5"]
     bad = run_cli("train", *base, "--set", "model.hidden_size=32", "--init-from", run / "best", check=False)
     assert bad.returncode == 2, bad.stderr
     assert "model.hidden_size: 16 in the source, 32 here" in bad.stderr and "Traceback" not in bad.stderr
-    done = run_cli("train", *base, "--set", f"output.dir={tmp_path / 'tuned'}", "--init-from", run / "best")
+    # A dense learning rate too small to move a weight, so that the tuned model shows what was copied.
+    still = ["--set", "schedule.max_steps=2", "--set", "optim.lr=1e-12"]
+    done = run_cli("train", *base, *still, "--set", f"output.dir={tmp_path / 'tuned'}", "--init-from", run / "best")
     assert f"initialised from {run / 'best'}" in done.stdout
     assert "item ID rows start at zero" in done.stdout
-    assert (tmp_path / "tuned" / "best" / "model.safetensors").exists()
+    source = load_file(str(run / "best" / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "tuned" / "best" / "model.safetensors"))
+    assert any(name.startswith("item_encoder.text_projection") for name in source)
+    for name, value in source.items():  # backbone, input norm, text projection, action and gap tables
+        torch.testing.assert_close(tuned[name], value, rtol=0, atol=1e-6, msg=name)
+    heads = [name for name in tuned if name.startswith("action_head.")]
+    assert heads and not any(name in source for name in heads), "the new task head starts fresh"
+    tokens = load_file(str(run / "best" / "items.safetensors"))["text_tokens"]
+    # The token table is sparse (its own optimizer): carried over, then moved by two steps only.
+    tuned_tokens = load_file(str(tmp_path / "tuned" / "best" / "items.safetensors"))["text_tokens"]
+    assert (tuned_tokens - tokens).abs().mean() < 0.1 * tokens.abs().mean()
     # An int8 serving artifact works as a source too (its weights dequantized).
     run_cli("export", run / "best", "--out", tmp_path / "art", "--no-eval")
     done = run_cli("train", *base, "--set", f"output.dir={tmp_path / 'from-art'}", "--set", "schedule.max_steps=2",

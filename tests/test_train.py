@@ -80,7 +80,11 @@ def test_short_run_on_default_synthetic_data_beats_popularity_twice(tmp_path):
         ("optim.grad_accumulation=2", "optim.grad_accumulation must be 1"),
         ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
         ("parallel.precision=bf16", "needs zero_stage >= 1"),
-        ("data.batch_size=x", "data.batch_size: expected int"),
+        ("data.batch_size=x", "data.batch_size: input should be a valid integer"),
+        ("eval.ks=[1,x]", "eval.ks.1: input should be a valid integer"),
+        ("model.loss=sampled", "unknown config field model.loss; it is loss.main now"),
+        ("loss.main=hinge", "loss.main must be a next-item objective"),
+        ("model.action_head=true", "model.action_head and the 'action' objective go together"),
     ],
 )
 def test_bad_config_is_one_clear_line(tiny, override, message):
@@ -110,15 +114,15 @@ def test_shards_without_a_split_are_refused_before_training(tmp_path):
 
 
 def test_saved_model_evaluated_in_one_process_matches_the_two_rank_test_metrics(tmp_path, tiny):
-    from train.evaluate import evaluate_saved
+    from train.evaluate import evaluate_source
 
     summary, _ = torchrun_train(tmp_path / "run", tiny, "schedule.epochs=2", "parallel.zero_stage=3")
-    single = evaluate_saved(tmp_path / "run" / "best", "test")
+    single = evaluate_source(tmp_path / "run" / "best", "test")
     distributed = summary["test"]["model"]
     assert single["model"]["users"] == distributed["users"] == 200
     for key, value in distributed.items():
         assert abs(single["model"][key] - value) < 1e-3, key
-    done = run_cli("eval", "--model", tmp_path / "run" / "best")
+    done = run_cli("eval", tmp_path / "run" / "best")
     assert "NDCG@10" in done.stdout and "test users 200" in done.stdout
 
 
@@ -134,6 +138,7 @@ def _ownership_worker(rank: int, port: int, shards: str, out: str, results) -> N
     import torch
 
     from data.loader import iterate_epoch
+    from model.items import ID_TABLE
     from train.config import load_config
     from train.distributed import compute_cleanup, compute_init
     from train.trainer import Trainer
@@ -144,11 +149,11 @@ def _ownership_worker(rank: int, port: int, shards: str, out: str, results) -> N
     env = compute_init(seed=0)
     trainer = Trainer(cfg, env)
     trainer.check_parameter_ownership()
-    before = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards(trainer.items.weight_name)]
+    before = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.tables._shards(ID_TABLE)]
     batch = next(iter(iterate_epoch(trainer.train_data, trainer.train_loader, epoch=0)))
     trainer.train_step(batch)
-    after = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.items._shards(trainer.items.weight_name)]
-    full = trainer.items.full_table()
+    after = [(s.metadata.shard_offsets, s.tensor.clone()) for s in trainer.tables._shards(ID_TABLE)]
+    full = trainer.tables.full(ID_TABLE)
     compute_cleanup()
     (row0, _), shard = after[0]
     results[rank] = {

@@ -1,5 +1,11 @@
 """Checkpoints a run can always resume from, at the same size or another.
 
+The trainer hands its stateful parts to one ``CheckpointManager``: the dense engine
+(``DenseState``), the sharded item tables (``TableState``), the training progress and any other
+global state (``states``: ``torch.distributed.checkpoint.stateful.Stateful`` objects, kept in
+meta.json), and per-rank state (``rank_states``: RNG streams and the data position). The manager
+owns the layout and the resume policy; the parts own their conversions.
+
 One checkpoint is a directory ``CHECKPOINTS/step_000000120/``:
 
 - ``deepspeed/``: DeepSpeed's own checkpoint of the dense model (module, ZeRO-partitioned
@@ -8,15 +14,17 @@ One checkpoint is a directory ``CHECKPOINTS/step_000000120/``:
   (full fp32 weights and AdamW moments per parameter, gathered through DeepSpeed's
   tensor-fragment API, which also covers stage 0 where ``zero_to_fp32`` does not). Used to
   reshard, and as the dense part of a consolidated model.
-- ``sparse/``: ``torch.distributed.checkpoint`` of the TorchRec item table and its fused
-  optimizer state. Each rank's shard is written in row blocks, so that loading into any other
-  sharding, and consolidation, read a block at a time rather than a whole rank's shard.
-- ``ranks/rank_00000.pt``: each rank's RNG states and its position in the shard stream.
+- ``sparse/``: ``torch.distributed.checkpoint`` of the TorchRec tables (by table name) and their
+  fused optimizer state. Each rank's shard is written in row blocks, so that loading into any
+  other sharding, and consolidation, read a block at a time rather than a whole rank's shard.
+- ``ranks/rank_00000.pt``: each rank's ``rank_states``.
 - ``meta.json``: format version, topology (world size, ZeRO stage, precision, sharding plan),
-  resolved config, vocabulary, training progress, and the size and sha256 of every file.
+  resolved config, vocabulary, the global ``states`` (``progress``), and the size and sha256 of
+  every file.
 
 Everything is written under ``.tmp-step_…``, fsynced, then renamed; the ``latest`` pointer
 moves last, so a crash at any moment leaves either the old or the new checkpoint complete.
+Format 1 checkpoints (before the objectives had their own config section) are converted on read.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +51,27 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.stateful import Stateful
 
-from data.shards import atomic_output_dir, sha256_file, write_json_atomic, write_text_atomic
-from serve.tensorfile import BlockWriter
+from data.loader import slot_positions
+from data.shards import sha256_file, write_json_atomic, write_text_atomic
+from model.items import ID_TABLE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META = "meta.json"
 LATEST = "latest"
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 DENSE = "dense.safetensors"
 SPARSE = "sparse"
 RANKS = "ranks"
-WEIGHT_KEY = "item_table"
-TOKEN_KEY = "text_token_table"
 BLOCK_ROWS = 1 << 18  # rows per stored block of the item table: 64 MiB at 64 fp32 columns
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
+# Format 1 stored the fused optimizer's state under TorchRec's parameter names of the time.
+_V1_OPTIMIZER_NAMES = {
+    "item_table": "ids.embeddings.item_table.weight",
+    "text_token_table": "tokens.embedding_bags.text_token_table.weight",
+}
 # Model fields that change the parameters' meaning or shape; anything else may change on resume.
 ARCHITECTURE = (
     "backbone",
@@ -83,37 +96,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:09d}"
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint's meta.json."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of ``epoch`` already trained on every rank
-    best_ndcg: float = -1.0
-    best_step: int = -1  # the checkpoint holding the best validation weights
-    stale: int = 0  # evaluations since the last improvement
-    evaluated_step: int = -1
-    stopped_early: bool = False
-    history: list = field(default_factory=list)
-    losses: list = field(default_factory=list)  # the global per-token loss of every step
-    tokens: int = 0
-    training_seconds: float = 0.0
-    elapsed_seconds: float = 0.0
-
-
-@dataclass
-class TrainingParts:
-    """What a checkpoint holds the state of."""
-
-    engine: object  # the DeepSpeed engine around the dense model
-    module: torch.nn.Module  # the dense model itself
-    items: object  # train.embeddings.ItemEmbeddings
-    zero_stage: int
-    rank: int
-    world_size: int
 
 
 # -- distributed helpers ---------------------------------------------------------------------------
@@ -160,7 +142,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# -- the item table in row blocks --------------------------------------------------------------
+def _load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+# -- the item tables in row blocks --------------------------------------------------------------
 
 
 def _row_blocks(tensor: ShardedTensor, rows: int) -> ShardedTensor:
@@ -184,35 +171,6 @@ def _row_blocks(tensor: ShardedTensor, rows: int) -> ShardedTensor:
     )
 
 
-def _sparse_state(items) -> tuple[dict, dict]:
-    """(flat name -> ShardedTensor, the fused optimizer's state dict whose tensors those are)."""
-    tables = items.module.state_dict()
-    state = {WEIGHT_KEY: tables[items.weight_name]}
-    if items.text_buckets:
-        state[TOKEN_KEY] = tables[items.token_weight_name]
-    optimizer = items.module.fused_optimizer.state_dict()
-    for param, entries in optimizer["state"].items():
-        for key, value in entries.items():
-            state[f"optimizer/{param}/{key}"] = value
-    return state, optimizer
-
-
-def _save_sparse(items, directory: Path, rows: int) -> None:
-    state, _ = _sparse_state(items)
-    blocked = {k: _row_blocks(v, rows) if isinstance(v, ShardedTensor) else v for k, v in state.items()}
-    dcp.save(blocked, checkpoint_id=str(directory))
-
-
-def _load_sparse(items, directory: Path, weights_only: bool = False) -> None:
-    """Reads into the current sharding, whatever the saved one: DCP reads the overlapping blocks."""
-    state, optimizer = _sparse_state(items)
-    if weights_only:
-        state = {k: v for k, v in state.items() if k in (WEIGHT_KEY, TOKEN_KEY)}
-    dcp.load(state, checkpoint_id=str(directory))
-    if not weights_only:
-        items.module.fused_optimizer.load_state_dict(optimizer)
-
-
 class _RowBlockPlanner(DefaultLoadPlanner):
     """Loads rows [start, start + len(out)) of one saved tensor into ``out``, in one process."""
 
@@ -233,37 +191,111 @@ class _RowBlockPlanner(DefaultLoadPlanner):
         return view
 
 
-def read_item_rows(checkpoint: Path, start: int = 0, stop: int | None = None, key: str = WEIGHT_KEY) -> torch.Tensor:
-    """Rows [start, stop) of a checkpoint's item table (or, by ``key``, its text-token table),
-    reading only the blocks that hold them."""
+def read_table_rows(checkpoint: Path, table: str = ID_TABLE, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of one of a checkpoint's tables, reading only the blocks that hold them."""
     reader = dcp.FileSystemReader(str(Path(checkpoint) / SPARSE))
-    size = reader.read_metadata().state_dict_metadata[key].size
+    size = reader.read_metadata().state_dict_metadata[table].size
     out = torch.empty((size[0] if stop is None else stop) - start, *size[1:])
-    dcp.load({key: out}, storage_reader=reader, planner=_RowBlockPlanner(key, start, out), no_dist=True)
+    dcp.load({table: out}, storage_reader=reader, planner=_RowBlockPlanner(table, start, out), no_dist=True)
     return out
+
+
+class TableState:
+    """The sharded item tables and their fused optimizer state, in DCP row blocks: loading
+    reads the overlapping blocks into the current sharding, whatever the saved one."""
+
+    def __init__(self, tables, block_rows: int = BLOCK_ROWS):
+        self.tables, self.block_rows = tables, block_rows
+
+    def _state(self, format_version: int = FORMAT_VERSION) -> tuple[dict, dict]:
+        """(DCP key -> tensor, the fused optimizer's state dict whose tensors those are)."""
+        state = dict(self.tables.weights())
+        optimizer = self.tables.fused_optimizer.state_dict()
+        table_of = {key: table for table, key in self.tables.weight_names.items()}
+        for param, entries in optimizer["state"].items():
+            table = table_of[param]
+            stored = _V1_OPTIMIZER_NAMES[table] if format_version == 1 else table
+            for key, value in entries.items():
+                state[f"optimizer/{stored}/{key}"] = value
+        return state, optimizer
+
+    def save(self, directory: Path) -> None:
+        state, _ = self._state()
+        blocked = {k: _row_blocks(v, self.block_rows) if isinstance(v, ShardedTensor) else v for k, v in state.items()}
+        dcp.save(blocked, checkpoint_id=str(directory / SPARSE))
+
+    def load(self, directory: Path, format_version: int, weights_only: bool = False) -> None:
+        state, optimizer = self._state(format_version)
+        if weights_only:
+            state = {k: v for k, v in state.items() if not k.startswith("optimizer/")}
+        dcp.load(state, checkpoint_id=str(directory / SPARSE))
+        if not weights_only:
+            self.tables.fused_optimizer.load_state_dict(optimizer)
 
 
 # -- the dense model in any topology -------------------------------------------------------------
 
 
-def _gather_dense(parts: TrainingParts) -> dict[str, torch.Tensor]:
-    """Full fp32 weights and AdamW moments of every dense parameter (collective; all ranks get them)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+class DenseState:
+    """The dense model under DeepSpeed: saved natively and as full per-parameter fp32 state, so
+    that it loads exactly where the topology is unchanged and converted everywhere else."""
 
-    out = {}
-    inner = _inner_optimizer(parts.engine)
-    for name, p in parts.module.named_parameters():
-        if parts.zero_stage == 0:
-            weight, state = p.detach(), inner.state.get(p, {})
-            moments = [state.get(k) for k in ADAM_STATES]
-        else:
-            weight = safe_get_full_fp32_param(p)
-            moments = [safe_get_full_optimizer_state(p, k) for k in ADAM_STATES]
-        out[f"weight/{name}"] = weight.detach().float().cpu().clone()
-        for key, value in zip(ADAM_STATES, moments):
-            # Before the first step AdamW has no state yet: zeros are what it would start from.
-            out[f"{key}/{name}"] = torch.zeros_like(out[f"weight/{name}"]) if value is None else value.float().cpu()
-    return out
+    def __init__(self, engine, module: torch.nn.Module, zero_stage: int):
+        self.engine, self.module, self.zero_stage = engine, module, zero_stage
+
+    def meta(self) -> dict:
+        return {"scheduler": self.engine.lr_scheduler.state_dict()}
+
+    def save(self, directory: Path, rank: int) -> None:
+        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        dense = self.gather()
+        if rank == 0:
+            save_file(dense, str(directory / DENSE))
+
+    def load(self, directory: Path, meta: dict, convert: bool) -> None:
+        if convert:
+            _set_dense(self, _load_safetensors(directory / DENSE), meta["progress"]["step"], meta["scheduler"])
+            return
+        loaded, _ = self.engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        if loaded is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
+
+    def load_weights(self, directory: Path) -> None:
+        _set_module_weights(self, _load_safetensors(directory / DENSE, prefix="weight/"))
+
+    def check(self, directory: Path) -> None:
+        """Raises naming the first dense parameter whose presence or shape differs."""
+        with safe_open(str(directory / DENSE), "pt") as f:
+            saved = {k.removeprefix("weight/"): f.get_slice(k).get_shape() for k in f.keys() if k.startswith("weight/")}
+        # ZeRO-3 leaves each rank a partition; ds_shape is the parameter's real shape.
+        current = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
+        for name in sorted(set(saved) | set(current)):
+            if name not in current or name not in saved:
+                side = "only the checkpoint" if name in saved else "only this model"
+                raise CheckpointError(f"{directory}: parameter {name} exists in {side}")
+            if list(saved[name]) != current[name]:
+                raise CheckpointError(
+                    f"{directory}: parameter {name} has shape {saved[name]} in the checkpoint, {current[name]} here"
+                )
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights and AdamW moments of every dense parameter (collective; all ranks get them)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {}
+        inner = _inner_optimizer(self.engine)
+        for name, p in self.module.named_parameters():
+            if self.zero_stage == 0:
+                weight, state = p.detach(), inner.state.get(p, {})
+                moments = [state.get(k) for k in ADAM_STATES]
+            else:
+                weight = safe_get_full_fp32_param(p)
+                moments = [safe_get_full_optimizer_state(p, k) for k in ADAM_STATES]
+            out[f"weight/{name}"] = weight.detach().float().cpu().clone()
+            for key, value in zip(ADAM_STATES, moments):
+                # Before the first step AdamW has no state yet: zeros are what it would start from.
+                out[f"{key}/{name}"] = torch.zeros_like(out[f"weight/{name}"]) if value is None else value.float().cpu()
+        return out
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -272,72 +304,97 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def _set_module_weights(parts: TrainingParts, weights: dict[str, torch.Tensor]) -> None:
+def _set_module_weights(dense: DenseState, weights: dict[str, torch.Tensor]) -> None:
     import deepspeed
 
-    params = dict(parts.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=parts.zero_stage == 3):
+    params = dict(dense.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=dense.zero_stage == 3):
         for name, p in params.items():
             p.data.copy_(weights[name].to(p.dtype))
 
 
 @torch.no_grad()
-def _set_dense(parts: TrainingParts, tensors: dict[str, torch.Tensor], step: int, scheduler_state: dict) -> None:
+def _set_dense(dense: DenseState, tensors: dict[str, torch.Tensor], step: int, scheduler_state: dict) -> None:
     """Puts full fp32 weights and AdamW moments into this engine's partitioning."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    inner = _inner_optimizer(parts.engine)
+    engine = dense.engine
+    inner = _inner_optimizer(engine)
     # AdamW creates its state at the first step (ZeRO-3 and stage 0 have none yet): create it
     # here, at the saved step count, so that the moments below have somewhere to go. ZeRO-3
     # points the optimizer's groups at its fp32 partitions only while stepping.
     partitions = [p for g in inner.param_groups for p in g["params"]]
-    partitions += getattr(parts.engine.optimizer, "fp32_partitioned_groups_flat", [])
+    partitions += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
     for flat in {id(p): p for p in partitions}.values():
         state = inner.state[flat]
         for key in ADAM_STATES:
             state.setdefault(key, torch.zeros_like(flat))
         state["step"] = torch.tensor(float(step))
-    zero = parts.engine.optimizer
+    zero = engine.optimizer
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-1/2 (and DeepSpeed's bf16 optimizer) link each parameter to its slice of the
         # optimizer state only after their first step; link them now, to the state above.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
-    for name, p in parts.module.named_parameters():
+    for name, p in dense.module.named_parameters():
         weight = tensors[f"weight/{name}"]
-        if parts.zero_stage == 0:
+        if dense.zero_stage == 0:
             p.data.copy_(weight)
             for key in ADAM_STATES:
                 inner.state[p][key].copy_(tensors[f"{key}/{name}"])
         else:
-            safe_set_full_fp32_param(p, weight.to(parts.engine.device))
+            safe_set_full_fp32_param(p, weight.to(engine.device))
             for key in ADAM_STATES:
-                safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(parts.engine.device), key)
+                safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(engine.device), key)
     # The working (possibly bf16) weights follow the fp32 master weights.
-    _set_module_weights(parts, {n: tensors[f"weight/{n}"] for n, _ in parts.module.named_parameters()})
-    scheduler = parts.engine.lr_scheduler
+    _set_module_weights(dense, {n: tensors[f"weight/{n}"] for n, _ in dense.module.named_parameters()})
+    scheduler = engine.lr_scheduler
     scheduler.load_state_dict(scheduler_state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
-    parts.engine.global_steps = step
+    engine.global_steps = step
 
 
-# -- RNG and data position -----------------------------------------------------------------------
+# -- per-rank state -------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class RNGState(Stateful):
+    """This rank's torch, numpy, Python (and CUDA) generators."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+    @staticmethod
+    def reseed(seed: int, step: int, rank: int) -> None:
+        """Fresh streams for a run resumed where the saved ones have no counterpart."""
+        torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+        np.random.seed((seed, step, rank))
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class DataPosition(Stateful):
+    """This rank's position in the shard stream, which follows from the progress (epoch, batch)
+    and the data settings (``signature``); saved to check that it still does on resume."""
+
+    def __init__(self, dataset, progress, signature: dict):
+        self.dataset, self.progress, self.signature = dataset, progress, signature
+
+    def state_dict(self) -> dict:
+        return {"slots": slot_positions(self.dataset, self.progress.epoch, self.progress.batch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = self.state_dict()["slots"]
+        if {int(k): v for k, v in state["slots"].items()} != expected:
+            raise CheckpointError(f"saved data position {state['slots']} != {expected}")
 
 
 # -- compatibility ------------------------------------------------------------------------------
@@ -374,27 +431,13 @@ def check_compatible(meta: dict, cfg, vocab: dict, where: str) -> list[str]:
     return changed
 
 
-def check_dense(path: Path, module: torch.nn.Module) -> None:
-    """Raises naming the first dense parameter whose presence or shape differs."""
-    where = str(path)
-    with safe_open(str(Path(path) / DENSE), "pt") as f:
-        saved = {k.removeprefix("weight/"): f.get_slice(k).get_shape() for k in f.keys() if k.startswith("weight/")}
-    # ZeRO-3 leaves each rank a partition; ds_shape is the parameter's real shape.
-    current = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
-    for name in sorted(set(saved) | set(current)):
-        if name not in current or name not in saved:
-            side = "only the checkpoint" if name in saved else "only this model"
-            raise CheckpointError(f"{where}: parameter {name} exists in {side}")
-        if list(saved[name]) != current[name]:
-            raise CheckpointError(
-                f"{where}: parameter {name} has shape {saved[name]} in the checkpoint, {current[name]} here"
-            )
-
-
 # -- reading and verifying ------------------------------------------------------------------------
 
 
 def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json, format 1 converted to the current form."""
+    from train.config import upgrade_saved_config
+
     path = Path(path)
     file = path / META
     if not file.exists():
@@ -403,10 +446,13 @@ def read_meta(path: Path) -> dict:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint format version {meta.get('format_version')}, this lmrec reads {FORMAT_VERSION}"
+            f"{path}: checkpoint format version {meta.get('format_version')}, this lmrec reads {READABLE_VERSIONS}"
         )
+    if meta["format_version"] == 1:
+        meta["config"] = upgrade_saved_config(meta["config"])
+        meta["progress"].pop("losses", None)  # per-step losses live in the run's losses.jsonl now
     return meta
 
 
@@ -464,48 +510,69 @@ def resolve(resume: str, root: Path, rank: int = 0, world_size: int = 1, log=pri
     return None
 
 
-# -- the checkpointer --------------------------------------------------------------------------------
+# -- the manager --------------------------------------------------------------------------------------
 
 
-class Checkpointer:
-    def __init__(self, root: Path, keep: int, parts: TrainingParts, block_rows: int = BLOCK_ROWS):
-        self.root, self.keep, self.parts, self.block_rows = Path(root), keep, parts, block_rows
+class CheckpointManager:
+    """Saves and restores every stateful part of a run. ``describe``: what meta.json records of
+    the run (config, vocabulary, text spec, precision, sharding); ``states``: global Stateful parts
+    (identical on every rank), each under its key in meta.json; ``rank_states``: per-rank parts,
+    in the rank's file; ``data``: the data position, restored only when its signature matches."""
 
-    def save(self, progress: Progress, meta: dict, data_position: dict) -> Path:
-        """Writes a checkpoint (every rank takes part) and moves ``latest`` to it."""
-        parts, rank = self.parts, self.parts.rank
-        name = checkpoint_name(progress.step)
+    def __init__(
+        self,
+        root: Path,
+        keep: int,
+        *,
+        dense: DenseState,
+        tables: TableState,
+        data: DataPosition,
+        states: dict[str, Stateful],
+        describe: dict,
+        rank: int,
+        world_size: int,
+        seed: int,
+        log=print,
+    ):
+        self.root, self.keep = Path(root), keep
+        self.dense, self.tables, self.data = dense, tables, data
+        self.states, self.describe = states, describe
+        self.rank_states = {"rng": RNGState(), "data": data}
+        self.rank, self.world_size, self.seed, self.log = rank, world_size, seed, log
+
+    def topology(self) -> tuple:
+        return self.world_size, self.dense.zero_stage, self.describe["precision"]
+
+    def save(self, step: int, protect_step: int = -1) -> Path:
+        """Writes the checkpoint of ``step`` (every rank takes part), moves ``latest`` to it and
+        prunes old ones, never the one of ``protect_step`` (the best so far)."""
+        rank = self.rank
+        name = checkpoint_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / RANKS).mkdir(parents=True)
         _barrier()
-        parts.engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-        dense = _gather_dense(parts)
-        if rank == 0:
-            save_file(dense, str(tmp / DENSE))
-        del dense
-        _save_sparse(parts.items, tmp / SPARSE, self.block_rows)
-        torch.save({"rng": _rng_state(), "data": data_position}, tmp / RANKS / f"rank_{rank:05d}.pt")
+        self.dense.save(tmp, rank)
+        self.tables.save(tmp)
+        torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, tmp / RANKS / f"rank_{rank:05d}.pt")
         _barrier()
         names = _broadcast(
             sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if rank == 0 else None, rank
         )
-        digests = _share(names, rank, parts.world_size, lambda n: _fsync_and_hash(tmp / n))
+        digests = _share(names, rank, self.world_size, lambda n: _fsync_and_hash(tmp / n))
         if rank == 0:
-            shards = [
-                {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "rank": s.placement.rank()}
-                for s in parts.items.module.state_dict()[parts.items.weight_name].metadata().shards_metadata
-            ]
             record = {
                 "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "world_size": parts.world_size,
-                "zero_stage": parts.zero_stage,
-                "sparse_plan": shards,
-                **meta,
-                "progress": asdict(progress),
+                "world_size": self.world_size,
+                "zero_stage": self.dense.zero_stage,
+                "sparse_plan": self.tables.tables.shard_plan(ID_TABLE),
+                **self.describe,
+                **self.dense.meta(),
+                "data_signature": self.data.signature,
+                **{key: state.state_dict() for key, state in self.states.items()},
                 "files": {n: {"bytes": digests[n][0], "sha256": digests[n][1]} for n in names},
             }
             write_json_atomic(tmp / META, record)
@@ -520,108 +587,75 @@ class Checkpointer:
                 tmp.rename(final)
             _fsync_dir(self.root)
             write_text_atomic(self.root / LATEST, name + "\n")
-            self._prune(progress.best_step)
+            self._prune(protect_step)
         _barrier()
         return final
 
-    def _prune(self, best_step: int) -> None:
-        keep = {checkpoint_name(best_step)} if best_step >= 0 else set()
+    def _prune(self, protect_step: int) -> None:
+        keep = {checkpoint_name(protect_step)} if protect_step >= 0 else set()
         for i, path in enumerate(list_checkpoints(self.root)):
             if i >= self.keep and path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path, meta: dict, convert_dense: bool) -> None:
-        """Restores the model and optimizer state of ``path``: the dense part through DeepSpeed's
-        own checkpoint, or, with ``convert_dense`` (another world size, ZeRO stage or precision),
-        from the full per-parameter state into this engine's partitioning. The item table and its
-        optimizer state load into the current sharding, whatever the saved one."""
-        parts = self.parts
-        if convert_dense:
-            tensors = _load_safetensors(path / DENSE)
-            _set_dense(parts, tensors, meta["progress"]["step"], meta["scheduler"])
-            del tensors
-        else:
-            loaded, _ = parts.engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-            if loaded is None:
-                raise CheckpointError(f"{path}: DeepSpeed could not load {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
-        _load_sparse(parts.items, path / SPARSE)
+    def resume(self, spec: str, cfg, vocab: dict) -> Path | None:
+        """``--resume auto|PATH``: continue from a checkpoint, exactly when the topology and data
+        settings are unchanged, otherwise converted (resharded) with the data restarting at the
+        next epoch boundary. Returns the checkpoint, or None when there is none to resume."""
+        found = resolve(spec, self.root, self.rank, self.world_size, self.log)
+        if found is None:
+            self.log(f"no checkpoint in {self.root}; starting from scratch")
+            return None
+        path, meta = found
+        for change in check_compatible(meta, cfg, vocab, str(path)):
+            self.log(f"resuming with a changed setting: {change}")
+        self.dense.check(path)
+        saved_topology = (meta["world_size"], meta["zero_stage"], meta["precision"])
+        same_dense = saved_topology == self.topology()
+        self.dense.load(path, meta, convert=not same_dense)
+        self.tables.load(path, meta["format_version"])
+        for key, state in self.states.items():
+            state.load_state_dict(meta[key])
+        progress = self.data.progress
+        message = f"resumed from {path} at step {progress.step} (epoch {progress.epoch}, batch {progress.batch})"
+        if not same_dense or (meta["world_size"], meta["sharding"]) != (self.world_size, self.describe["sharding"]):
+            message += (
+                f", resharded from {meta['world_size']} to {self.world_size} ranks (ZeRO stage {meta['zero_stage']} "
+                f"-> {self.dense.zero_stage}, {meta['precision']} -> {self.describe['precision']}, table "
+                f"{meta['sharding']} -> {self.describe['sharding']})"
+            )
+        if meta["data_signature"] == self.data.signature:
+            state = self._rank_file(path)
+            try:
+                for key, part in self.rank_states.items():
+                    part.load_state_dict(state[key])
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            self.log(message)
+            return path
+        # Another world size or loader: RNG streams and data positions have no counterpart.
+        RNGState.reseed(self.seed, progress.step, self.rank)
+        if progress.batch:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+        before, now = meta["data_signature"], self.data.signature
+        self.log(
+            f"{message}; the data settings changed ({before['world_size']} ranks x batch {before['batch_size']} x "
+            f"{before['num_workers']} workers -> {now['world_size']} x {now['batch_size']} x {now['num_workers']}), "
+            f"so the data restarts at the next epoch boundary: epoch {progress.epoch}"
+        )
+        return path
 
-    def rank_state(self, path: Path) -> dict:
-        """This rank's saved RNG states and data position."""
-        file = Path(path) / RANKS / f"rank_{self.parts.rank:05d}.pt"
+    def _rank_file(self, path: Path) -> dict:
+        file = Path(path) / RANKS / f"rank_{self.rank:05d}.pt"
         if not file.exists():
             raise CheckpointError(f"{path}: missing rank file {file.relative_to(path)}")
-        return torch.load(file, weights_only=False)
-
-    @staticmethod
-    def restore_rng(state: dict) -> None:
-        _set_rng_state(state["rng"])
+        state = torch.load(file, weights_only=False)
+        # Format 1 kept the RNG states under "rng" too, and the data position under "data".
+        return state
 
     def load_weights(self, path: Path) -> None:
-        """Only the model weights (dense and item table) of ``path``: the best checkpoint's, say."""
-        tensors = _load_safetensors(Path(path) / DENSE, prefix="weight/")
-        _set_module_weights(self.parts, tensors)
-        _load_sparse(self.parts.items, Path(path) / SPARSE, weights_only=True)
-
-
-def _load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    with safe_open(str(path), "pt") as f:
-        return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-# -- consolidation ----------------------------------------------------------------------------------
-
-
-def checkpoint_items(checkpoint: Path, meta: dict, shards: Path | None = None):
-    """(rows(start, stop) -> the items' scoring vectors, the text-token table or None). For an
-    ID-only model the rows are the ID table's; a text-aware model's are composed from the ID rows,
-    the dense text projection and the token table, with the text features of its shards."""
-    from train.evaluate import build_model, compose_items, load_item_text, load_popularity
-
-    model_cfg = meta["config"]["model"]
-    if not (model_cfg.get("item_text") or model_cfg.get("item_text_tokens")):
-        return (lambda a, b: read_item_rows(checkpoint, a, b)), None
-    rows = meta["vocab"]["items"]
-    shards = str(shards or meta["config"]["data"]["shards"])
-    model = build_model(meta)
-    model.load_state_dict(_load_safetensors(checkpoint / DENSE, prefix="weight/"))
-    text, has_id = load_item_text(shards, rows), load_popularity(shards, rows) > 0
-    tokens = read_item_rows(checkpoint, key=TOKEN_KEY) if model_cfg.get("item_text_tokens") else None
-    return (lambda a, b: compose_items(model, a, read_item_rows(checkpoint, a, b), text, has_id, tokens)), tokens
-
-
-def consolidate(checkpoint: Path, out: Path, block_rows: int = BLOCK_ROWS, log=print) -> Path:
-    """``lmrec checkpoint consolidate``: one fp32 safetensors file for the dense model and one for
-    the full item table, plus the meta.json of a saved model (``lmrec eval --model OUT`` reads
-    it). The table is streamed in row blocks: memory stays at a block, whatever the table's size."""
-    from train.evaluate import SAVED_DENSE, SAVED_ITEMS, SAVED_META
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    meta = verify(checkpoint)
-    rows = meta["vocab"]["items"]
-    cols = meta["config"]["model"]["hidden_size"]
-    rows_of, tokens = checkpoint_items(checkpoint, meta)
-    tables = {"items": (np.float32, (rows, cols))}
-    if tokens is not None:
-        tables["text_tokens"] = (np.float32, tuple(tokens.shape))
-    saved = {
-        "config": meta["config"],
-        "vocab": meta["vocab"],
-        "text": meta.get("text"),
-        "step": meta["progress"]["step"],
-        "source_checkpoint": str(checkpoint),
-        "best_valid_ndcg10": meta["progress"]["best_ndcg"],
-    }
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        save_file(_load_safetensors(checkpoint / DENSE, prefix="weight/"), str(tmp / SAVED_DENSE))
-        with BlockWriter(tmp / SAVED_ITEMS, tables, {"source": checkpoint.name}) as table:
-            for start in range(0, rows, block_rows):
-                table.write("items", start, rows_of(start, min(rows, start + block_rows)).numpy())
-            if tokens is not None:
-                table.write("text_tokens", 0, tokens.numpy())
-        write_json_atomic(tmp / SAVED_META, saved)
-    log(f"consolidated {checkpoint} (step {saved['step']}) into {out}: {rows:,} x {cols} item table")
-    return out
+        """Only the model weights (dense and tables) of ``path``: the best checkpoint's, say."""
+        self.dense.load_weights(Path(path))
+        self.tables.load(Path(path), read_meta(path)["format_version"], weights_only=True)
 
 
 # -- preemption -------------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 """The training configuration: nested typed dataclasses, filled from a YAML recipe in configs/
-and ``--set a.b=c`` overrides, validated in ``__post_init__``. DeepSpeed's JSON is generated
-from it (``deepspeed_config``), never kept by hand."""
+and ``--set a.b=c`` overrides, coerced and validated by pydantic (data.typed) and the sections'
+``__post_init__`` checks. DeepSpeed's JSON is generated from it (``deepspeed_config``), never kept
+by hand."""
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from model.config import ModelConfig
+from data.typed import TypedConfigError, parse
+from metrics import DEFAULT_KS
+from model.config import RETIRED_FIELDS, ModelConfig
 
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
@@ -22,8 +24,13 @@ class ConfigError(ValueError):
     pass
 
 
+_STRICT_FIELDS = {"extra": "forbid"}  # pydantic: unknown keys are errors
+
+
 @dataclass
 class DataConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     shards: str = ""
     batch_size: int = 64  # per rank
     eval_batch_size: int = 256
@@ -40,6 +47,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -67,6 +76,8 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     zero_stage: int = 2
     precision: str = "fp32"
     sharding: str = "row_wise"  # how TorchRec shards the item table
@@ -84,6 +95,8 @@ class ParallelConfig:
 
 @dataclass
 class ScheduleConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     epochs: int = 10
     max_steps: int = 0  # 0: no limit
     eval_every: int = 1  # epochs
@@ -100,13 +113,21 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50, 200])
+    __pydantic_config__ = _STRICT_FIELDS
+
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     filter_seen: bool = True
     bootstrap_samples: int = 1000
+
+    def __post_init__(self):
+        if not self.ks or min(self.ks) < 1 or self.bootstrap_samples < 1:
+            raise ConfigError("eval.ks must be a non-empty list of cut-offs >= 1, eval.bootstrap_samples >= 1")
 
 
 @dataclass
 class OutputConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     dir: str = "runs/default"
     metrics_port: int = 0  # Prometheus exporter on metrics_host:(port + global rank); 0 = off
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 so that a cluster's Prometheus can reach every node
@@ -115,6 +136,8 @@ class OutputConfig:
 
 @dataclass
 class CheckpointConfig:
+    __pydantic_config__ = _STRICT_FIELDS
+
     dir: str = ""  # default: OUTPUT/checkpoints
     every_steps: int = 0  # also checkpoint every N steps within an epoch; 0: at evaluations only
     keep: int = 2  # newest checkpoints kept, besides the one with the best validation metric
@@ -125,16 +148,66 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.every_steps must be >= 0, keep >= 1, preemption_deadline_s > 0")
 
 
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
+
+
+@dataclass
+class LossConfig:
+    """What training minimises: ``main``, a next-item objective, plus ``auxiliary`` objectives
+    with their weights (train.objectives.REGISTRY holds the names)."""
+
+    __pydantic_config__ = _STRICT_FIELDS
+
+    main: str = "full"
+    auxiliary: dict[str, float] = field(default_factory=dict)  # e.g. {action: 0.5}
+    num_negatives: int = 1024  # sampled: negatives shared by a step's positions
+    negative_sampler: str = "uniform"  # sampled: uniform over the trained items, or popularity (count + 1)
+    positive_action_min: float = 4.0  # action: a raw action value >= this is positive (a rating of 4 or 5, say)
+
+    def __post_init__(self):
+        from train.objectives import REGISTRY
+
+        main = REGISTRY.get(self.main)
+        if main is None or not main.predicts_next_item:
+            names = sorted(n for n, o in REGISTRY.items() if o.predicts_next_item)
+            raise ConfigError(f"loss.main must be a next-item objective, one of {names}, got {self.main!r}")
+        for name, weight in self.auxiliary.items():
+            if name not in REGISTRY or name == self.main:
+                raise ConfigError(
+                    f"loss.auxiliary.{name}: not an objective besides loss.main ({self.main}); objectives: "
+                    f"{sorted(REGISTRY)}"
+                )
+            if not weight > 0:
+                raise ConfigError(f"loss.auxiliary.{name}: the weight must be > 0, got {weight}")
+        if self.negative_sampler not in NEGATIVE_SAMPLERS:
+            raise ConfigError(
+                f"loss.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
+            )
+        if self.num_negatives < 1:
+            raise ConfigError("loss.num_negatives must be >= 1")
+
+
 @dataclass
 class Config:
+    __pydantic_config__ = _STRICT_FIELDS
+
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        # A head nothing trains, or an objective without its head, is a mistake in the recipe.
+        if self.model.action_head != ("action" in self.loss.auxiliary):
+            raise ConfigError(
+                "model.action_head and the 'action' objective go together: set model.action_head=true and "
+                "loss.auxiliary.action=WEIGHT (0.5 in the recipes), or neither"
+            )
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -155,39 +228,14 @@ class Config:
         }
 
 
-def _build(cls, values: dict, path: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config field {where}{unknown[0]}; {path or 'the config'} has {sorted(names)}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{path}.{name}" if path else name)
-        else:
-            kwargs[name] = _coerce(value, hint, f"{path}.{name}" if path else name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def _coerce(value, hint, path: str):
-    origin = typing.get_origin(hint) or hint
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin):
-        raise ConfigError(f"{path}: expected {origin.__name__}, got {value!r}")
-    if origin is int and isinstance(value, bool):
-        raise ConfigError(f"{path}: expected int, got {value!r}")
-    return value
+# Where the fields of the model section went when the objectives became their own section.
+MOVED = {
+    "model.loss": "it is loss.main now",
+    "model.num_negatives": "it is loss.num_negatives now",
+    "model.negative_sampler": "it is loss.negative_sampler now",
+    "model.action_loss_weight": "it is loss.auxiliary.action now (with model.action_head)",
+    "model.positive_action_min": "it is loss.positive_action_min now",
+}
 
 
 def _apply_override(tree: dict, assignment: str) -> None:
@@ -216,8 +264,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for assignment in overrides:
         _apply_override(tree, assignment)
     tree.setdefault("data", {})
-    return _build(Config, tree, "")
+    return config_from_dict(tree)
 
 
 def config_from_dict(values: dict) -> Config:
-    return _build(Config, values, "")
+    try:
+        return parse(Config, values, MOVED)
+    except TypedConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def upgrade_saved_config(values: dict) -> dict:
+    """A resolved config as saved before the objectives had their own section (checkpoint format
+    1, saved models with a meta.json): the objective fields move from model to loss."""
+    values = {section: dict(fields) if isinstance(fields, dict) else fields for section, fields in values.items()}
+    if "loss" in values:
+        return values
+    model = values.get("model", {})
+    retired = {k: model.pop(k) for k in RETIRED_FIELDS if k in model}
+    loss = {"main": retired.get("loss", "full")}
+    for name in ("num_negatives", "negative_sampler", "positive_action_min"):
+        if name in retired:
+            loss[name] = retired[name]
+    if model.get("action_head"):
+        loss["auxiliary"] = {"action": retired.get("action_loss_weight", 0.5)}
+    values["loss"] = dataclasses.asdict(LossConfig(**loss))
+    return values

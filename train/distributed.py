@@ -117,7 +117,9 @@ def compute_init(seed: int = 0, timeout_s: float = 600.0) -> ComputeEnv:
     torch.manual_seed(seed)
     # One line per rank: where each rank runs is the first question about any multi-node job.
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"lmrec: rank {rank}/{world} (local {local_rank}/{local_world}) on node {node}, {backend}", flush=True)
+    # One write, so that the ranks' lines do not interleave.
+    sys.stdout.write(f"lmrec: rank {rank}/{world} (local {local_rank}/{local_world}) on node {node}, {backend}\n")
+    sys.stdout.flush()
     return ComputeEnv(rank, world, local_rank, local_world, device, backend)
 
 

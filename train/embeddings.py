@@ -1,11 +1,11 @@
-"""Item embeddings in TorchRec tables, sharded across ranks by DistributedModelParallel: the ID
-table (an EmbeddingCollection) and, for text-aware models, the hashed text-token table (an
-EmbeddingBagCollection, mean-pooled per item).
+"""The item representation's learned tables (model.items.item_tables) in TorchRec, sharded
+across ranks by DistributedModelParallel: tables with one row per index in an
+EmbeddingCollection, mean-pooled tables (text tokens) in an EmbeddingBagCollection.
 
 The tables are built on the meta device, planned by TorchRec's sharding planner (row-wise by
-default), and updated by a fused sparse optimizer *inside backward()*. It is kept apart from the
-dense model on purpose: DeepSpeed must never be handed these parameters (it would broadcast rank
-0's shard over every other rank's, silently).
+default), and updated by a fused sparse optimizer *inside backward()*. They are kept apart from
+the dense model on purpose: DeepSpeed must never be handed these parameters (it would broadcast
+rank 0's shard over every other rank's, silently).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import LazyAwaitable, ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 
+from model.items import TableSpec
 from train.distributed import ComputeEnv
 
-TABLE = "item_table"  # not "items": that name is taken by ModuleDict.items
-FEATURE = "item"
-TOKEN_TABLE, TOKEN_FEATURE = "text_token_table", "text_token"
 _SHARDING = {
     "row_wise": ShardingType.ROW_WISE,
     "table_wise": ShardingType.TABLE_WISE,
@@ -40,97 +40,89 @@ _OPTIMIZERS = {
 INIT_STD = 0.02
 
 
-def token_bags(
-    offsets: torch.Tensor, token_ids: torch.Tensor, items: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids, lengths) of ``items`` from the CSR text tokens of the whole catalog."""
-    starts, lengths = offsets[items], offsets[items + 1] - offsets[items]
-    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
-    return token_ids[torch.arange(int(lengths.sum())) + shift], lengths
+def _feature(table: str) -> str:
+    return f"{table}_ids"
 
 
 class _Tables(nn.Module):
-    """The container DistributedModelParallel shards; its tables are called one by one."""
+    """The container DistributedModelParallel shards; its collections are called one by one."""
 
-    def __init__(self, ids: EmbeddingCollection, tokens: EmbeddingBagCollection | None):
+    def __init__(self, rows: EmbeddingCollection | None, pooled: EmbeddingBagCollection | None):
         super().__init__()
-        self.ids, self.tokens = ids, tokens
+        self.rows, self.pooled = rows, pooled
 
 
 class ItemEmbeddings:
-    """``lookup(ids)`` returns the ID embeddings of a 1-D tensor of item indices, on this rank;
-    ``pool_tokens`` the mean text-token embedding of items given as token bags."""
+    """The sharded tables. ``lookup`` and ``pool`` implement model.items.ItemTables; both are
+    collective (every rank calls them, with its own indices)."""
 
-    def __init__(
-        self,
-        num_items: int,
-        dim: int,
-        env: ComputeEnv,
-        sharding: str,
-        optimizer: str,
-        lr: float,
-        seed: int,
-        text_buckets: int = 0,
-    ):
-        self.num_items, self.dim, self.env, self.text_buckets = num_items, dim, env, text_buckets
+    def __init__(self, tables: list[TableSpec], env: ComputeEnv, sharding: str, optimizer: str, lr: float, seed: int):
+        self.specs = {t.name: t for t in tables}
+        self.env = env
         meta = torch.device("meta")
-        ids = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=TABLE, num_embeddings=num_items, embedding_dim=dim, feature_names=[FEATURE])],
-            device=meta,
-        )
-        tokens = None
-        if text_buckets:
-            tokens = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=TOKEN_TABLE,
-                        num_embeddings=text_buckets,
-                        embedding_dim=dim,
-                        feature_names=[TOKEN_FEATURE],
-                        pooling=PoolingType.MEAN,
-                    )
-                ],
-                device=meta,
+        rows = [
+            EmbeddingConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim, feature_names=[_feature(t.name)])
+            for t in tables
+            if not t.pooled
+        ]
+        pooled = [
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=t.rows,
+                embedding_dim=t.dim,
+                feature_names=[_feature(t.name)],
+                pooling=PoolingType.MEAN,
             )
+            for t in tables
+            if t.pooled
+        ]
+        container = _Tables(
+            EmbeddingCollection(tables=rows, device=meta) if rows else None,
+            EmbeddingBagCollection(tables=pooled, device=meta) if pooled else None,
+        )
         fused = {"optimizer": _OPTIMIZERS[optimizer], "learning_rate": lr}
         if optimizer == "rowwise_adagrad":
             fused["eps"] = 1e-8
         sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
-        topology = Topology(
-            world_size=env.world_size,
-            local_world_size=env.local_world_size,
-            compute_device=env.device.type,
+        # The topology the way TorchRec 1.8 asks for it (local_world_size: several nodes are
+        # planned as several hosts).
+        topology = TopologyFactory.create_topology(
+            trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
+            kernel_config=KernelConfig(compute_device=env.device.type),
         )
-        constraints = {TABLE: ParameterConstraints(sharding_types=[_SHARDING[sharding].value])}
-        # Row-wise pooled tables need reduce-scatter, which TorchRec has on GPUs only: on CPU the
-        # token table is sharded column-wise instead (still split over the ranks).
-        allowed = sharders[1].sharding_types(env.device.type)
-        token_sharding = sharding if _SHARDING[sharding].value in allowed else "column_wise"
-        constraints[TOKEN_TABLE] = ParameterConstraints(sharding_types=[_SHARDING[token_sharding].value])
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        tables = _Tables(ids, tokens)
-        plan = planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
-        self.module = DistributedModelParallel(module=tables, device=env.device, plan=plan, sharders=sharders)
-        self._initialise(self.weight_name, seed)
-        if text_buckets:
-            self._initialise(self.token_weight_name, seed + 1)
+        # Row-wise pooled tables need reduce-scatter, which TorchRec has on GPUs only: on CPU they
+        # are sharded column-wise instead (still split over the ranks).
+        pooled_kinds = sharders[1].sharding_types(env.device.type)
+        constraints = {}
+        for t in tables:
+            kind = sharding if not t.pooled or _SHARDING[sharding].value in pooled_kinds else "column_wise"
+            constraints[t.name] = ParameterConstraints(sharding_types=[_SHARDING[kind].value])
+        # An explicit reservation: the default heuristic one estimates dense sizes TorchRec itself
+        # calls unreliable (it warns so); 15 % of each device is what that heuristic keeps.
+        reservation = FixedPercentageStorageReservation(percentage=0.15)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, storage_reservation=reservation)
+        plan = planner.collective_plan(container, sharders, dist.GroupMember.WORLD)
+        self.module = DistributedModelParallel(module=container, device=env.device, plan=plan, sharders=sharders)
+        self.weight_names = {
+            t.name: f"pooled.embedding_bags.{t.name}.weight" if t.pooled else f"rows.embeddings.{t.name}.weight"
+            for t in tables
+        }
+        for position, t in enumerate(tables):
+            self._initialise(t.name, seed + position)
 
-    # The tables' keys in the module's state dict.
-    weight_name = f"ids.embeddings.{TABLE}.weight"
-    token_weight_name = f"tokens.embedding_bags.{TOKEN_TABLE}.weight"
-
-    def _shards(self, name: str):
-        return self.module.state_dict()[name].local_shards()
+    def _shards(self, table: str):
+        return self.module.state_dict()[self.weight_names[table]].local_shards()
 
     @torch.no_grad()
-    def _initialise(self, name: str, seed: int, block: int = 1 << 16) -> None:
+    def _initialise(self, table: str, seed: int, block: int = 1 << 16) -> None:
         """Normal(0, INIT_STD) rows drawn from (seed, row block): the same table whatever the
         sharding and world size, which is what makes sharded and unsharded runs comparable."""
-        for shard in self._shards(name):
+        dim = self.specs[table].dim
+        for shard in self._shards(table):
             (row0, col0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             for start in range(row0 - row0 % block, row0 + rows, block):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
-                values = torch.randn(block, self.dim, generator=g) * INIT_STD
+                values = torch.randn(block, dim, generator=g) * INIT_STD
                 lo, hi = max(start, row0), min(start + block, row0 + rows)
                 if lo < hi:
                     shard.tensor[lo - row0 : hi - row0] = values[lo - start : hi - start, col0 : col0 + cols].to(
@@ -138,45 +130,54 @@ class ItemEmbeddings:
                     )
 
     @torch.no_grad()
-    def set_rows(self, name: str, table: torch.Tensor | None) -> None:
-        """Overwrites this rank's shards of a table with the matching rows of a full ``table``
+    def set_rows(self, table: str, values: torch.Tensor | None) -> None:
+        """Overwrites this rank's shards of ``table`` with the matching rows of a full ``values``
         (None: zeros). ``--init-from`` uses it for pretrained token rows and zeroed ID rows."""
-        for shard in self._shards(name):
+        for shard in self._shards(table):
             (row0, col0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            if table is None:
+            if values is None:
                 shard.tensor.zero_()
             else:
-                shard.tensor.copy_(table[row0 : row0 + rows, col0 : col0 + cols].to(shard.tensor))
+                shard.tensor.copy_(values[row0 : row0 + rows, col0 : col0 + cols].to(shard.tensor))
 
-    def _device_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids.to(self.env.device, torch.int64)
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = self._device_ids(ids)
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=[FEATURE], values=ids, lengths=torch.tensor([len(ids)], dtype=torch.int32, device=self.env.device)
+    def _features(self, table: str, ids: torch.Tensor, lengths: torch.Tensor) -> KeyedJaggedTensor:
+        device = self.env.device
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=[_feature(table)], values=ids.to(device, torch.int64), lengths=lengths.to(device, torch.int32)
         )
-        return self.module.module.ids(features)[FEATURE].values()
 
-    def pool_tokens(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(N, D): the mean token embedding of N items whose tokens are ``token_ids`` split by
-        ``lengths`` (an item without tokens gets zeros)."""
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=[TOKEN_FEATURE], values=self._device_ids(token_ids), lengths=lengths.to(self.env.device, torch.int32)
-        )
-        pooled = self.module.module.tokens(features)
+    def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        features = self._features(table, ids, torch.tensor([len(ids)]))
+        return self.module.module.rows(features)[_feature(table)].values()
+
+    def pool(self, table: str, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        pooled = self.module.module.pooled(self._features(table, values, lengths))
         # A sharded module called directly hands back TorchRec's lazy awaitable: resolve it here.
-        return (pooled.wait() if isinstance(pooled, LazyAwaitable) else pooled)[TOKEN_FEATURE]
+        return (pooled.wait() if isinstance(pooled, LazyAwaitable) else pooled)[_feature(table)]
 
-    def token_table(self) -> torch.Tensor:
-        """The whole text-token table on every rank: each row pooled alone is the row itself."""
-        with torch.no_grad():
-            return self.pool_tokens(torch.arange(self.text_buckets), torch.ones(self.text_buckets, dtype=torch.int32))
+    @torch.no_grad()
+    def full(self, table: str) -> torch.Tensor:
+        """Every row of ``table`` on every rank (collective)."""
+        spec = self.specs[table]
+        if spec.pooled:  # each row pooled alone is the row itself
+            return self.pool(table, torch.arange(spec.rows), torch.ones(spec.rows, dtype=torch.int32))
+        return self.lookup(table, torch.arange(spec.rows))
 
-    def full_table(self) -> torch.Tensor:
-        """The whole ID table on every rank (evaluation scores users against every item)."""
-        with torch.no_grad():
-            return self.lookup(torch.arange(self.num_items))
+    def weights(self) -> dict:
+        """Table name -> this table's ShardedTensor (a view of the rows the optimizer updates)."""
+        state = self.module.state_dict()
+        return {table: state[key] for table, key in self.weight_names.items()}
+
+    def shard_plan(self, table: str) -> list[dict]:
+        """Where each row block of ``table`` lives, for a checkpoint's record of its topology."""
+        return [
+            {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "rank": s.placement.rank()}
+            for s in self.weights()[table].metadata().shards_metadata
+        ]
+
+    @property
+    def fused_optimizer(self):
+        return self.module.fused_optimizer
 
     def parameters(self):
         return list(self.module.parameters())

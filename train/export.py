@@ -11,63 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from serve.artifact import ArtifactError, ArtifactWriter
-from train.checkpoint import (
-    BLOCK_ROWS,
-    DENSE,
-    CheckpointError,
-    _load_safetensors,
-    checkpoint_items,
-    list_checkpoints,
-    resolve,
-    verify,
-)
-from train.evaluate import SAVED_DENSE, SAVED_ITEMS, SAVED_META
+from train.checkpoint import CheckpointError
+from train.saved_model import ARTIFACT, BLOCK_ROWS, SourceError, load_source
 
 
 class ExportError(ValueError):
     pass
-
-
-def _source(path: Path, shards: Path | None):
-    """(meta, dense fp32 numpy state, rows(start, stop) -> fp32 numpy, text-token table or None,
-    description, valid NDCG@10)."""
-    if path.name == "latest" and path.is_file():
-        path = path.parent
-    if path.is_dir() and not (path / DENSE).exists() and list_checkpoints(path):
-        path = resolve(str(path), path)[0]  # a checkpoint directory: its newest good checkpoint
-    if (path / DENSE).exists():
-        meta = verify(path)
-        dense = {k: v.float().numpy() for k, v in _load_safetensors(path / DENSE, prefix="weight/").items()}
-        step, valid = meta["progress"]["step"], meta["progress"]["best_ndcg"]
-        rows_of, tokens = checkpoint_items(path, meta, shards)
-        return (
-            meta,
-            dense,
-            lambda a, b: rows_of(a, b).numpy(),
-            None if tokens is None else tokens.numpy(),
-            {"checkpoint": str(path), "step": step},
-            valid,
-        )
-    if (path / SAVED_ITEMS).exists() and (path / SAVED_META).exists():
-        import json
-
-        from serve.tensorfile import read_rows
-
-        meta = json.loads((path / SAVED_META).read_text())
-        dense = {k: v.float().numpy() for k, v in _load_safetensors(path / SAVED_DENSE).items()}
-        source = {"model": str(path), "step": meta.get("step")}
-        rows = lambda a, b: read_rows(path / SAVED_ITEMS, "items", a, b).astype(np.float32)  # noqa: E731
-        tokens = None
-        if meta["config"]["model"].get("item_text_tokens"):
-            tokens = _load_safetensors(path / SAVED_ITEMS)["text_tokens"].float().numpy()
-        return meta, dense, rows, tokens, source, meta.get("best_valid_ndcg10")
-    raise ExportError(
-        f"{path}: neither a training checkpoint (no {DENSE}) nor a consolidated model (no {SAVED_ITEMS} and "
-        f"{SAVED_META}); pass a checkpoint directory such as RUN/checkpoints/step_000000120"
-    )
 
 
 def _vocabulary(shards: Path, rows: int):
@@ -109,20 +59,25 @@ def export(
     block_rows: int = BLOCK_ROWS,
     log=print,
 ) -> Path:
+    """A checkpoint, checkpoint directory or saved model (train.saved_model.resolve_source) into a
+    serving artifact."""
     source, out = Path(source), Path(out)
     try:
-        meta, dense, rows_of, tokens, origin, valid_ndcg = _source(source, shards)
-    except CheckpointError as e:
+        trained = load_source(source, shards)
+    except (CheckpointError, SourceError) as e:
         raise ExportError(str(e)) from None
-    config = meta["config"]
-    model_cfg = config["model"]
-    rows, dim = meta["vocab"]["items"], model_cfg["hidden_size"]
+    if trained.kind == ARTIFACT:
+        raise ExportError(
+            f"{trained.source}: already a serving artifact; export a checkpoint or saved model (or use --add-items)"
+        )
+    config = trained.training["config"]
+    rows, dim = trained.num_items, trained.config.architecture.hidden_size
     shards = Path(shards or config["data"]["shards"])
     vocab_batches, actions = _vocabulary(shards, rows)
     artifact_config = {
-        "model": model_cfg,
-        "vocab": meta["vocab"],
-        "text": meta.get("text"),
+        "model": trained.config.model,
+        "vocab": trained.config.vocab,
+        "text": trained.config.text,
         "actions": actions,
         "shards": str(shards),
         "evaluation": {
@@ -131,16 +86,17 @@ def export(
             "batch_size": config["data"]["eval_batch_size"],
         },
     }
+    origin = {trained.kind.replace(" ", "_"): str(trained.source), "step": trained.training["step"]}
     try:
         with ArtifactWriter(out, quant, artifact_config, rows, dim, overwrite=overwrite) as writer:
-            writer.write_dense(dense)
-            if tokens is not None:
-                writer.write_text_tokens(tokens)
+            writer.write_dense({k: v.float().numpy() for k, v in trained.dense.items()})
+            if trained.text_tokens is not None:
+                writer.write_text_tokens(trained.text_tokens.numpy())
             for start in range(0, rows, block_rows):
-                writer.write_items(start, rows_of(start, min(rows, start + block_rows)))
+                writer.write_items(start, trained.rows(start, min(rows, start + block_rows)).numpy())
             writer.write_vocab(vocab_batches())
             writer.manifest["source"] = origin
-            writer.manifest["metrics"] = {"best_valid_NDCG@10": valid_ndcg}
+            writer.manifest["metrics"] = {"best_valid_NDCG@10": trained.training["best_valid_ndcg10"]}
             staged = writer.seal()
             if evaluate:
                 from serve.offline import evaluate_artifact

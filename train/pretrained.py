@@ -6,91 +6,41 @@ the action and gap embeddings where their vocabularies have the same size. Item 
 the old catalog: the new catalog's ID rows start at zero, so each item starts as its text
 representation. Parts the source lacks (a new action head, say) start fresh.
 
-SOURCE is a saved model (RUN/best), a training checkpoint (or a checkpoint directory) or a
-serving artifact.
+SOURCE is anything train.saved_model.resolve_source knows: a saved model (RUN/best), a training
+checkpoint (or a checkpoint directory) or a serving artifact.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import torch
 
+from model.items import ID_TABLE, TOKEN_TABLE
 from train.config import Config, ConfigError
+from train.saved_model import SourceError, TrainedModel, load_source
 
 # Settings that give the backbone's weights their shapes and meaning.
 BACKBONE = ("backbone", "hidden_size", "num_layers", "num_heads", "intermediate_size", "backbone_options", "normalize")
 CATALOG_SPECIFIC = ("action_head.",)  # a task head is trained for its task, not carried over
 
 
-@dataclass
-class Pretrained:
-    source: str
-    model: dict  # the source's model config
-    vocab: dict
-    text: dict | None  # the source's text spec (encoder and tokenizer), if text-aware
-    dense: dict[str, torch.Tensor]
-    tokens: torch.Tensor | None  # the text-token table
+def load_pretrained(path) -> TrainedModel:
+    try:
+        return load_source(path)
+    except SourceError as e:
+        raise ConfigError(f"--init-from {e}") from None
 
 
-def load_pretrained(path: str | Path) -> Pretrained:
-    from safetensors.torch import load_file
-
-    from train.checkpoint import DENSE, TOKEN_KEY, _load_safetensors, list_checkpoints, read_item_rows, resolve, verify
-    from train.evaluate import SAVED_DENSE, SAVED_ITEMS, SAVED_META
-
-    path = Path(path)
-    if path.name == "latest" and path.is_file():
-        path = path.parent
-    if path.is_dir() and not (path / DENSE).exists() and list_checkpoints(path):
-        path = resolve(str(path), path)[0]
-    if (path / DENSE).exists():
-        meta = verify(path)
-        dense = _load_safetensors(path / DENSE, prefix="weight/")
-        text = meta.get("text")
-        tokens = read_item_rows(path, key=TOKEN_KEY) if meta["config"]["model"].get("item_text_tokens") else None
-        return Pretrained(str(path), meta["config"]["model"], meta["vocab"], text, dense, tokens)
-    if (path / SAVED_META).exists() and (path / SAVED_ITEMS).exists():
-        meta = json.loads((path / SAVED_META).read_text())
-        tables = load_file(str(path / SAVED_ITEMS))
-        dense = load_file(str(path / SAVED_DENSE))
-        return Pretrained(
-            str(path), meta["config"]["model"], meta["vocab"], meta.get("text"), dense, tables.get("text_tokens")
-        )
-    from serve import artifact
-
-    if (path / artifact.MANIFEST).exists():
-        try:
-            _, config, dense, _, _ = artifact.read(path)
-            tokens = artifact.read_text_tokens(path)
-        except artifact.ArtifactError as e:
-            raise ConfigError(f"--init-from: {e}") from None
-        return Pretrained(
-            str(path),
-            config["model"],
-            config["vocab"],
-            config.get("text"),
-            {k: torch.from_numpy(np.array(v)) for k, v in dense.items()},
-            None if tokens is None else torch.from_numpy(tokens),
-        )
-    raise ConfigError(
-        f"--init-from {path}: not a saved model (meta.json), a training checkpoint ({DENSE}) or a serving artifact"
-    )
-
-
-def check_pretrained(pretrained: Pretrained, cfg: Config, text_spec: dict | None) -> None:
+def check_pretrained(pretrained: TrainedModel, cfg: Config, text_spec: dict | None) -> None:
     """Refuses, with every difference named, a source whose backbone or text paths do not fit."""
+    source_model = pretrained.config.model
     problems = [
-        f"model.{key}: {pretrained.model.get(key)!r} in the source, {getattr(cfg.model, key)!r} here"
+        f"model.{key}: {source_model.get(key)!r} in the source, {getattr(cfg.model, key)!r} here"
         for key in BACKBONE
-        if pretrained.model.get(key) != getattr(cfg.model, key)
+        if source_model.get(key) != getattr(cfg.model, key)
     ]
     for part in ("item_text", "item_text_tokens"):
-        if getattr(cfg.model, part) and pretrained.model.get(part):
-            source, here = pretrained.text or {}, text_spec or {}
+        if getattr(cfg.model, part) and source_model.get(part):
+            source, here = pretrained.config.text or {}, text_spec or {}
             what = "encoder" if part == "item_text" else "tokenizer"
             if source.get(what) != here.get(what):
                 problems.append(f"{what} of the item text: {source.get(what)} in the source, {here.get(what)} here")
@@ -101,8 +51,8 @@ def check_pretrained(pretrained: Pretrained, cfg: Config, text_spec: dict | None
 
 
 @torch.no_grad()
-def init_model(model: torch.nn.Module, items, pretrained: Pretrained, log=print) -> None:
-    """Copies what carries over into ``model`` and the sharded tables ``items`` (before DeepSpeed
+def init_model(model: torch.nn.Module, tables, pretrained: TrainedModel, log=print) -> None:
+    """Copies what carries over into ``model`` and the sharded ``tables`` (before DeepSpeed
     sees the model), and zeroes the ID table."""
     state = model.state_dict()
     copied, skipped = [], []
@@ -114,11 +64,11 @@ def init_model(model: torch.nn.Module, items, pretrained: Pretrained, log=print)
         else:
             state[name].copy_(value)
             copied.append(name)
-    if model.cfg.item_text_tokens and pretrained.tokens is not None:
-        items.set_rows(items.token_weight_name, pretrained.tokens)
+    if model.cfg.item_text_tokens and pretrained.text_tokens is not None:
+        tables.set_rows(TOKEN_TABLE, pretrained.text_tokens)
         copied.append("text-token table")
     if model.cfg.uses_text:
-        items.set_rows(items.weight_name, None)
+        tables.set_rows(ID_TABLE, None)
     log(
         f"initialised from {pretrained.source}: {len(copied)} tensors carried over"
         + (f", not carried over: {', '.join(skipped)}" if skipped else "")

@@ -1,0 +1,61 @@
+"""Models written before the transformers model class and the objectives' own config section
+(lmrec 92508b7: checkpoint format 1, saved models with a meta.json, artifacts whose model section
+names the loss) are converted on read: they evaluate, serve and resume exactly as they did.
+
+tests/fixtures/format-1 was written by that version (expected.json says how), on the synthetic
+shards the ``shards`` fixture prepares again."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, torchrun_train
+
+pytestmark = pytest.mark.multiprocess
+
+FIXTURE = ROOT / "tests" / "fixtures" / "format-1"
+EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("format-1") / "shards"
+    run_cli(
+        "data", "prepare", "--source", "synthetic", "--users", 300, "--num-items", 120,
+        "--events-per-user", 15, "--out", out, "--quiet",
+    )  # fmt: skip
+    return out
+
+
+def test_a_format_1_saved_model_evaluates_as_it_did(shards):
+    from train.evaluate import evaluate_source
+
+    result = evaluate_source(FIXTURE / "saved-model", "test", str(shards))
+    for key, value in EXPECTED["saved_model_test"].items():
+        assert result["model"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_format_1_artifact_recommends_as_it_did():
+    from serve.recommender import Recommender
+
+    answers = Recommender.load(FIXTURE / "artifact").recommend(EXPECTED["histories"], k=5)
+    for answer, expected in zip(answers, EXPECTED["recommendations"], strict=True):
+        assert answer.items == expected["items"]
+        assert answer.scores == pytest.approx(expected["scores"], abs=1e-6)
+
+
+def test_a_format_1_checkpoint_resumes_bit_identically_and_exports(shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE / "checkpoint", run / "checkpoints" / "step_000000020")
+    (run / "checkpoints" / "latest").write_text("step_000000020\n")
+    resumed, log = torchrun_train(run, shards, "schedule.epochs=3", train_args=["--resume", "auto"])
+    assert "at step 20 (epoch 2, batch 0)" in log and "resharded" not in log and "restarts" not in log
+    assert resumed["losses"] == EXPECTED["resumed_losses"]  # steps 21-30, bit for bit
+    assert resumed["test"]["model"] == EXPECTED["resumed_test"]
+    # The old checkpoint is also a source for export and consolidation.
+    checkpoint = FIXTURE / "checkpoint"
+    run_cli("export", checkpoint, "--out", tmp_path / "art", "--shards", shards, "--no-eval")
+    run_cli("checkpoint", "consolidate", checkpoint, "--out", tmp_path / "model")
+    done = run_cli("eval", tmp_path / "model", "--shards", shards)
+    assert "test users 300" in done.stdout

@@ -1,0 +1,124 @@
+"""The objectives one by one, by hand, and the registry that builds the loss from the config."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig, RecommenderConfig
+from model.items import ItemCatalog
+from model.modeling import SequenceRecommender
+from train.config import LossConfig
+from train.objectives import REGISTRY, ObjectiveContext, StepBatch, StepItems, build_loss
+from train.objectives.full import full_softmax_loss
+from train.objectives.in_batch import in_batch_loss
+from train.objectives.sampled import sampled_softmax_loss
+
+
+def test_full_softmax_ignores_reserved_columns_and_zero_weights():
+    logits = torch.tensor([[5.0, 5.0, 1.0, 2.0], [9.0, 0.0, 0.0, 3.0]])
+    targets = torch.tensor([3, 2])
+    loss = full_softmax_loss(logits, targets, torch.tensor([1.0, 0.0]))
+    # Row 0 over columns 2, 3: -log(e^2 / (e^1 + e^2))
+    assert math.isclose(loss.item(), -math.log(math.e**2 / (math.e + math.e**2)), rel_tol=1e-6)
+    assert full_softmax_loss(logits, targets, torch.zeros(2)).item() == 0.0
+
+
+def test_sampled_softmax_masks_accidental_hits_and_applies_log_q():
+    positive = torch.tensor([2.0])
+    negatives = torch.tensor([7, 9, 4])
+    negative_logits = torch.tensor([[1.0, 3.0, 0.5]])
+    targets = torch.tensor([9])  # negative 9 is the target itself: masked
+    log_q = torch.log(torch.tensor([0.1, 0.2, 0.3]))
+    loss = sampled_softmax_loss(
+        positive, negative_logits, targets, negatives, torch.log(torch.tensor([0.2])), log_q, torch.ones(1)
+    )
+    kept = torch.tensor([2.0 - math.log(0.2), 1.0 - math.log(0.1), 0.5 - math.log(0.3)])
+    assert math.isclose(loss.item(), F.cross_entropy(kept[None], torch.tensor([0])).item(), rel_tol=1e-6)
+
+
+def test_in_batch_loss_masks_repeated_targets():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 5.0], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([4, 6, 4])  # positions 0 and 2 share a target
+    loss = in_batch_loss(logits, targets, torch.zeros(3), torch.ones(3))
+    row0 = F.cross_entropy(torch.tensor([[3.0, 1.0]]), torch.tensor([0]))
+    row1 = F.cross_entropy(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([1]))
+    row2 = F.cross_entropy(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
+    assert math.isclose(loss.item(), ((row0 + row1 + row2) / 3).item(), rel_tol=1e-6)
+
+
+def _context(loss: LossConfig, num_items=12, action_head=False) -> ObjectiveContext:
+    cfg = ModelConfig(hidden_size=8, num_layers=1, num_heads=2, max_len=10, dropout=0.0, action_head=action_head)
+    model = SequenceRecommender(RecommenderConfig.build(cfg, {"items": num_items, "actions": 4, "gaps": 0}))
+    counts = torch.arange(num_items, dtype=torch.float64)
+    counts[:2] = 0
+    counts[5] = 0  # an item without training events: never a candidate
+    positive = torch.tensor([False, False, True, True])
+    return ObjectiveContext(
+        loss, model, None, ItemCatalog(counts), counts, positive, num_items, torch.device("cpu"), None
+    )
+
+
+def _step(n=6, num_items=12) -> StepBatch:
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(2, num_items, (n,), generator=g)
+    targets[targets == 5] = 6
+    inputs = targets.reshape(2, n // 2)
+    positions = torch.ones_like(inputs, dtype=torch.bool)
+    actions = torch.randint(0, 4, (n,), generator=g)
+    return StepBatch(
+        inputs, torch.full((2,), n // 2), positions, targets, torch.ones(n), torch.tensor(float(n)), actions
+    )
+
+
+def test_the_registry_builds_main_plus_weighted_auxiliary_objectives():
+    torch.manual_seed(0)
+    ctx = _context(LossConfig(main="full", auxiliary={"action": 0.5}), action_head=True)
+    loss_fn = build_loss(ctx)
+    assert [type(o).name for o, _ in loss_fn.terms] == ["full", "action"]
+    assert [w for _, w in loss_fn.terms] == [1.0, 0.5] and loss_fn.needs_all_items
+    step = _step()
+    table = torch.randn(12, 8)
+    hidden = torch.randn(6, 8)
+    samples = loss_fn.sample(step)
+    total = loss_fn(step, hidden, StepItems(table), samples)
+    full = REGISTRY["full"](ctx)(step, hidden, StepItems(table), None)
+    action = REGISTRY["action"](ctx)(step, hidden, StepItems(table), None)
+    assert torch.equal(total, 1.0 * full + 0.5 * action)
+    # The full softmax never puts mass on an item without training events.
+    logits = ctx.model.scores(hidden, table)
+    logits[:, :2] = -math.inf
+    logits[:, 5] = -math.inf
+    assert torch.allclose(full, F.cross_entropy(logits, step.targets))
+
+
+def test_sampled_negatives_come_from_trained_items_and_are_looked_up_with_the_batch():
+    ctx = _context(LossConfig(main="sampled", num_negatives=200, negative_sampler="popularity"))
+    loss_fn = build_loss(ctx)
+    assert not loss_fn.needs_all_items
+    torch.manual_seed(0)
+    [negatives] = loss_fn.sample(_step())
+    assert negatives.shape == (200,) and negatives.min() >= 2 and not (negatives == 5).any()
+    # Popularity proposal: item 11 (count 11) is drawn far more often than item 2 (count 2).
+    assert (negatives == 11).sum() > (negatives == 2).sum()
+    step = _step()
+    ids = torch.unique(torch.cat([step.inputs.reshape(-1), step.targets, negatives]))
+    vectors = torch.randn(len(ids), 8)
+    loss = loss_fn(step, torch.randn(6, 8), StepItems(vectors, ids), [negatives])
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"main": "action"}, "loss.main must be a next-item objective"),
+        ({"main": "nope"}, "loss.main must be a next-item objective"),
+        ({"auxiliary": {"nope": 1.0}}, "loss.auxiliary.nope: not an objective"),
+        ({"auxiliary": {"in_batch": 0.0}}, "the weight must be > 0"),
+        ({"negative_sampler": "zipf"}, "loss.negative_sampler must be one of"),
+    ],
+)
+def test_bad_loss_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**fields)

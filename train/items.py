@@ -1,0 +1,71 @@
+"""The catalog's per-item data as prepared shards hold it: training-event counts, text features
+and which actions count as positive. Training, evaluation and consolidation read it here."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from data.shards import load_manifest
+from model.items import ItemCatalog
+
+
+def load_counts(shards: str | Path, num_items: int) -> torch.Tensor:
+    """Training-event count of every item index, float64 (exact for any count)."""
+    import polars as pl
+
+    items = pl.read_parquet(Path(shards) / "items.parquet", columns=["index", "count"])
+    counts = torch.zeros(num_items, dtype=torch.float64)
+    counts[torch.tensor(items["index"].to_numpy())] = torch.tensor(items["count"].to_numpy(), dtype=torch.float64)
+    return counts
+
+
+def load_catalog(shards: str | Path, num_items: int, with_text: bool) -> ItemCatalog:
+    """The catalog of ``shards``; ``with_text``: also the item text features (--item-text)."""
+    counts = load_counts(shards, num_items)
+    if not with_text:
+        return ItemCatalog(counts)
+    from data.text import ItemTextFeatures
+
+    spec = load_manifest(shards).get("text")
+    if not spec:
+        raise ValueError(
+            f"{shards}: no item text features; prepare the shards with --item-text for model.item_text / item_text_tokens"
+        )
+    features = ItemTextFeatures.load(Path(shards) / spec["file"])
+    if len(features.vectors) != num_items:
+        raise ValueError(f"{shards}: text features for {len(features.vectors)} items, the vocabulary has {num_items}")
+    return ItemCatalog(
+        counts,
+        torch.from_numpy(features.vectors),
+        torch.from_numpy(features.token_offsets),
+        torch.from_numpy(features.token_ids),
+    )
+
+
+def positive_actions(shards: str | Path, num_actions: int, minimum: float) -> torch.Tensor:
+    """Which action indices count as positive for the action head: numeric values >= minimum
+    (a rating of 4 or 5, say); non-numeric event types are negative."""
+    positive = torch.zeros(max(num_actions, 1), dtype=torch.bool)
+    path = Path(shards) / "actions.parquet"
+    if num_actions and path.exists():
+        import polars as pl
+
+        for index, value in pl.read_parquet(path).select("index", "value").iter_rows():
+            with contextlib.suppress(ValueError):
+                positive[index] = float(value) >= minimum
+    return positive
+
+
+def model_vocab(manifest: dict, model) -> dict:
+    """The vocabulary sizes ``model`` (a ModelConfig) is built for, from a shard manifest."""
+    vocab, features = manifest["vocab"], manifest["features"]
+    text = manifest.get("text") if model.uses_text else None
+    return {
+        "items": vocab["items"],
+        "actions": vocab["actions"] if "action" in features else 0,
+        "gaps": vocab["gaps"] if "gap" in features else 0,
+        "text_dim": int(text["encoder"]["dim"]) if text else 0,
+    }

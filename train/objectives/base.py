@@ -1,0 +1,128 @@
+"""What every objective gets and gives: one interface, so that the trainer combines any of them
+without knowing which they are.
+
+An objective is built once with an ``ObjectiveContext`` (the dense model, the *sharded* item
+tables, the item catalog, the process group, ...), so that an objective that scores the rows each
+rank owns, or one over code tables, needs nothing new from the trainer. Each step it may draw
+extra candidate items before the lookup (``sample``: sampled negatives), and then turns the
+step's hidden states into a loss (``__call__``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from model.items import RESERVED, ItemCatalog
+
+if TYPE_CHECKING:
+    from model.modeling import SequenceRecommender
+    from train.config import LossConfig
+    from train.embeddings import ItemEmbeddings
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of weighted values over ``total`` (default: the weights' sum). Data-parallel training
+    passes the global weight sum divided by the world size, so that the ranks' losses average to
+    the global per-token mean whatever the world size. Padding batches (all weights 0) give 0."""
+    denominator = weights.sum() if total is None else total
+    return (values * weights).sum() / denominator.clamp(min=1.0)
+
+
+@dataclass
+class ObjectiveContext:
+    cfg: LossConfig
+    model: SequenceRecommender  # the dense module (scores, pair_scores, action_logits)
+    tables: ItemEmbeddings  # the sharded tables themselves, not only the rows a step looked up
+    catalog: ItemCatalog
+    popularity: torch.Tensor  # (V,) training-event counts
+    positive_action: torch.Tensor  # (A,) bool: which action indices the action head calls positive
+    num_items: int
+    device: torch.device
+    group: torch.distributed.ProcessGroup | None  # the data-parallel group the tables are sharded over
+
+    def trained_items_proposal(self, sampler: str) -> torch.Tensor:
+        """A negative-sampling distribution over the items with training events (the catalog
+        being learned): uniform, or popularity (count + 1)."""
+        weights = torch.ones(self.num_items) if sampler == "uniform" else self.popularity.float() + 1.0
+        weights[:RESERVED] = 0.0
+        weights[~self.catalog.has_id] = 0.0
+        return weights / weights.sum()
+
+
+@dataclass
+class StepBatch:
+    """One step's next-item problem, flattened over the real (non-padding) positions."""
+
+    inputs: torch.Tensor  # (B, T) input item indices, right-padded
+    input_lengths: torch.Tensor  # (B,)
+    positions: torch.Tensor  # (B, T) bool: the real positions
+    targets: torch.Tensor  # (N,) the next item after each real position
+    weights: torch.Tensor  # (N,) the sample weight of each target (0 in padding batches)
+    total: torch.Tensor  # () the loss normaliser: global weight sum over the world size
+    next_actions: torch.Tensor | None  # (N,) the action index of each target event, when the data has actions
+
+
+class StepItems:
+    """The vectors of the items one step scores, looked up once (one collective) and indexed by
+    item index: the whole catalog (row = index) or a sorted set of indices."""
+
+    def __init__(self, vectors: torch.Tensor, ids: torch.Tensor | None = None):
+        self.vectors, self.ids = vectors, ids
+
+    def __call__(self, items: torch.Tensor) -> torch.Tensor:
+        return self.vectors[items] if self.ids is None else self.vectors[torch.searchsorted(self.ids, items)]
+
+    @property
+    def table(self) -> torch.Tensor:
+        """Every item's vector (row = index); only when the step looked up the whole catalog."""
+        if self.ids is not None:
+            raise RuntimeError("this step looked up a subset of the items, not the whole catalog")
+        return self.vectors
+
+
+class Objective(ABC):
+    name: ClassVar[str]
+    predicts_next_item: ClassVar[bool] = True  # False: an auxiliary task (it cannot be the main objective)
+    needs_all_items: ClassVar[bool] = False  # scores the whole catalog: the step looks every item up
+
+    def __init__(self, ctx: ObjectiveContext):
+        self.ctx = ctx
+
+    def sample(self, step: StepBatch) -> torch.Tensor | None:
+        """Candidate items this step scores besides its inputs and targets (drawn before the lookup)."""
+        return None
+
+    @abstractmethod
+    def __call__(
+        self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The loss of ``hidden`` (N, D), the hidden states at the step's real positions; ``sampled``
+        is what ``sample`` returned."""
+
+
+class WeightedObjectives:
+    """The main objective plus auxiliary ones, summed with their weights: itself an objective to
+    the trainer."""
+
+    def __init__(self, terms: list[tuple[Objective, float]]):
+        self.terms = terms
+        self.needs_all_items = any(o.needs_all_items for o, _ in terms)
+
+    def sample(self, step: StepBatch) -> list[torch.Tensor | None]:
+        return [o.sample(step) for o, _ in self.terms]
+
+    def extra_items(self, samples: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        return [s for s in samples if s is not None]
+
+    def __call__(
+        self, step: StepBatch, hidden: torch.Tensor, items: StepItems, samples: list[torch.Tensor | None]
+    ) -> torch.Tensor:
+        loss = None
+        for (objective, weight), sampled in zip(self.terms, samples, strict=True):
+            term = weight * objective(step, hidden, items, sampled)
+            loss = term if loss is None else loss + term
+        return loss
