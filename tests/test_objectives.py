@@ -122,3 +122,26 @@ def test_sampled_negatives_come_from_trained_items_and_are_looked_up_with_the_ba
 def test_bad_loss_config(fields, message):
     with pytest.raises(ValueError, match=message):
         LossConfig(**fields)
+
+
+def test_bce_is_sasrecs_binary_cross_entropy_with_one_negative_per_position():
+    from train.objectives.bce import bce_loss
+
+    positive = torch.tensor([2.0, -1.0, 0.5])
+    negative = torch.tensor([0.0, 3.0, 1.0])
+    targets, negatives = torch.tensor([4, 5, 6]), torch.tensor([7, 5, 2])  # position 1 drew its own target
+    loss = bce_loss(positive, negative, targets, negatives, torch.tensor([1.0, 1.0, 0.0]))
+    by_hand = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 - 0.5)) + -math.log(1 / (1 + math.exp(1.0)))
+    assert math.isclose(loss.item(), by_hand / 2, rel_tol=1e-6)
+
+    ctx = _context(LossConfig(main="bce"))
+    loss_fn = build_loss(ctx)
+    step = _step()
+    torch.manual_seed(0)
+    [negatives] = loss_fn.sample(step)
+    assert negatives.shape == step.targets.shape and not (negatives == 5).any() and negatives.min() >= 2
+    ids = torch.unique(torch.cat([step.inputs.reshape(-1), step.targets, negatives]))
+    hidden = torch.randn(6, 8, requires_grad=True)
+    loss = loss_fn(step, hidden, StepItems(torch.randn(len(ids), 8), ids), [negatives])
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0

@@ -72,6 +72,17 @@ def test_short_run_on_default_synthetic_data_beats_popularity_twice(tmp_path):
     assert model >= 2 * popularity, stdout
 
 
+@pytest.mark.parametrize("objective", ["sampled", "in_batch", "bce"])
+def test_every_next_item_objective_trains_on_two_ranks(tmp_path, tiny, objective):
+    summary, stdout = torchrun_train(
+        tmp_path / objective, tiny, f"loss.main={objective}", "loss.num_negatives=32", "schedule.epochs=1",
+        "schedule.log_every=1",
+    )  # fmt: skip
+    assert len(summary["losses"]) == summary["steps"] and np.isfinite(summary["losses"]).all()
+    assert np.mean(summary["losses"][-3:]) < np.mean(summary["losses"][:3]), stdout
+    assert summary["config"]["loss"]["main"] == objective
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -3,7 +3,7 @@ registry; every objective implements train.objectives.base.Objective."""
 
 from __future__ import annotations
 
-from train.objectives import action, full, in_batch, sampled
+from train.objectives import action, bce, full, in_batch, sampled
 from train.objectives.base import Objective, ObjectiveContext, StepBatch, StepItems, WeightedObjectives
 
 REGISTRY: dict[str, type[Objective]] = {
@@ -11,6 +11,7 @@ REGISTRY: dict[str, type[Objective]] = {
     "sampled": sampled.SampledSoftmax,
     "in_batch": in_batch.InBatchSoftmax,
     "action": action.ActionHead,
+    "bce": bce.BinaryCrossEntropy,
 }
 
 
