@@ -188,6 +188,86 @@ def test_each_rank_owns_its_shard_and_deepspeed_holds_none(tmp_path, tiny):
         assert results[rank]["matches_full_table"], "no rank's rows were overwritten by another's"
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+               "reduce_scatter", "all_to_all", "all_to_all_single", "gather", "scatter", "reduce")  # fmt: skip
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+LMREC = tuple(str(ROOT / package) + os.sep for package in ("train", "model", "data", "metrics", "serve", "launch"))
+
+
+def _sync_worker(rank: int, port: int, shards: str, out: str, results) -> None:
+    """Trains one epoch with every lmrec call of a collective or a device-to-host read recorded,
+    step by step, beside the policy's decision for that step."""
+    import sys
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    import torch
+    import torch.distributed as dist
+
+    from train.config import load_config
+    from train.distributed import compute_cleanup, compute_init
+    from train.trainer import Trainer
+
+    events = []
+
+    def recording(kind, original):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(LMREC):
+                events.append(kind)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in COLLECTIVES:
+        setattr(dist, name, recording("collective", getattr(dist, name)))
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, recording("host read", getattr(torch.Tensor, name)))
+    overrides = [f"data.shards={shards}", f"output.dir={out}", "data.num_workers=0", "schedule.epochs=1"]
+    cfg = load_config(ROOT / "configs" / "debug.yaml", [*overrides, "schedule.log_every=4"])
+    env = compute_init(seed=0)
+    trainer = Trainer(cfg, env)
+    steps, decide, train_step = [], trainer.policy.after_step, trainer.train_step
+
+    def marked_step(batch):
+        events.append("step")
+        train_step(batch)
+
+    def marked_decision(state, *signals):
+        decision = decide(state, *signals)
+        steps.append(decision)
+        return decision
+
+    trainer.train_step, trainer.policy.after_step = marked_step, marked_decision
+    trainer.train()
+    compute_cleanup()
+    per_step = [part.split(",") for part in ",".join(events).split("step")[1:]]
+    results[rank] = [
+        (d.log or d.evaluate or d.checkpoint or d.stop, part.count("collective"), part.count("host read"))
+        for d, part in zip(steps, per_step, strict=True)
+    ]
+
+
+def test_a_plain_step_issues_one_collective_and_no_device_sync(tmp_path, tiny):
+    """Between log steps a step waits for nothing: its only lmrec collective is the loss
+    normaliser's all-reduce (which also carries the stop signals), and nothing reads a tensor back
+    to the host; the losses are reduced and read at the next log step."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_worker, args=(free_port(), str(tiny), str(tmp_path / "run"), results), nprocs=2)
+        results = dict(results)
+    for rank, steps in results.items():
+        plain = [(collectives, reads) for special, collectives, reads in steps if not special]
+        special = [(collectives, reads) for special, collectives, reads in steps if special]
+        assert len(plain) >= 5 and len(special) >= 2, steps
+        assert set(plain) == {(1, 0)}, f"rank {rank}: (collectives, host reads) per plain step: {plain}"
+        # The instrument sees what a log step adds: the losses' reduction and read-back.
+        assert all(collectives >= 2 and reads >= 1 for collectives, reads in special), special
+
+
 def test_parameter_ownership_check_fails_when_deepspeed_holds_a_torchrec_parameter():
     import torch
 
