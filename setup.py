@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_data={"launch": ["monitoring/*"]},
-    install_requires=["numpy", "pyarrow", "pyyaml", "tqdm"],
+    install_requires=["numpy", "pyarrow", "pyyaml", "pydantic", "tqdm"],
     extras_require={
         # torchrec, fbgemm and deepspeed are installed by `make install` in the order that works.
         "train": [

@@ -18,6 +18,7 @@ import polars as pl
 from tqdm import tqdm
 
 from data import schema
+from data.config import PrepareConfig
 from data.errors import DataError
 from data.readers import RawData
 from data.shards import MANIFEST, SHARD_PATTERN, ShardWriter, atomic_output_dir, sha256_file, write_json_atomic
@@ -33,58 +34,6 @@ from data.text import (
     text_spec,
 )
 from data.vocab import ACTIONS_FILE, ITEMS_FILE, USERS_FILE, build_index, load_previous, lookup
-
-SPLIT_KINDS = ("leave_one_out", "temporal")
-
-
-@dataclass
-class PrepareConfig:
-    out: Path
-    split: str = "leave_one_out"
-    # Temporal split boundaries: epoch seconds, or "q0.9" for a quantile of all event times.
-    valid_start: str | None = None
-    test_start: str | None = None
-    dedup: bool = True
-    min_user_events: int = 0
-    min_item_events: int = 0
-    window: int = 0  # 0 keeps each user's whole history in one sample
-    window_overlap: int = 0
-    samples_per_shard: int = 5000
-    seed: int = 0
-    vocab_from: Path | None = None
-    overwrite: bool = False
-    workers: int = 2
-    progress: bool = True
-    # Item text features (data.text): sentence-encoder vectors and hashed n-gram tokens per item.
-    item_text: bool = False
-    text_buckets: int = 1 << 15
-    text_cache: Path | None = None
-    # The cold-item protocol: this fraction of items never appears in training or validation, only
-    # as test targets (see _hold_out_items).
-    hold_out_items: float = 0.0
-
-    def __post_init__(self):
-        self.out = Path(self.out)
-        if self.split not in SPLIT_KINDS:
-            raise DataError(f"--split must be one of {SPLIT_KINDS}, got {self.split!r}")
-        if self.split == "temporal" and (self.valid_start is None or self.test_start is None):
-            raise DataError("--split temporal needs --valid-start and --test-start (epoch seconds or qFRACTION)")
-        if self.split != "temporal" and (self.valid_start is not None or self.test_start is not None):
-            raise DataError("--valid-start/--test-start only apply to --split temporal")
-        if self.window < 0 or self.window_overlap < 0 or (self.window and self.window_overlap >= self.window):
-            raise DataError(
-                f"need window >= 0 and 0 <= window_overlap < window, got {self.window}, {self.window_overlap}"
-            )
-        if self.samples_per_shard < 1 or self.workers < 1:
-            raise DataError("--samples-per-shard and --workers must be at least 1")
-        if min(self.min_user_events, self.min_item_events) < 0:
-            raise DataError("--min-user-events and --min-item-events must be >= 0")
-        if not 0 <= self.hold_out_items < 1:
-            raise DataError(f"--hold-out-items must be a fraction in [0, 1), got {self.hold_out_items}")
-        if self.hold_out_items and self.split != "leave_one_out":
-            raise DataError("--hold-out-items needs --split leave_one_out (held-out items are test targets only)")
-        if self.text_buckets < 1:
-            raise DataError("--text-buckets must be >= 1")
 
 
 @dataclass

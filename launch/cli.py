@@ -4,11 +4,13 @@ never loads the training stack and ``lmrec data`` never loads torch's distribute
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
 
 SOURCES = ("events", "sasrec", "sequences", "movielens", "recbole", "amazon", "synthetic")
@@ -61,36 +63,17 @@ def _read_source(args):
 
 
 def cmd_data_prepare(args) -> int:
-    from data.prepare import PrepareConfig, prepare, summary_rows
+    from data.config import PrepareConfig
+    from data.prepare import prepare, summary_rows
 
-    cfg = PrepareConfig(
-        out=args.out,
-        split=args.split,
-        valid_start=args.valid_start,
-        test_start=args.test_start,
-        dedup=not args.no_dedup,
-        min_user_events=args.min_user_events,
-        min_item_events=args.min_item_events,
-        window=args.window,
-        window_overlap=args.window_overlap,
-        samples_per_shard=args.samples_per_shard,
-        seed=args.seed,
-        vocab_from=args.vocab_from,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        progress=not args.quiet,
-        item_text=args.item_text,
-        text_buckets=args.text_buckets,
-        text_cache=args.text_cache,
-        hold_out_items=args.hold_out_items,
-    )
+    cfg = _config_from_options(PrepareConfig, args)
     started = time.perf_counter()
     raw = _read_source(args)
     read_seconds = time.perf_counter() - started
     source_args = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(args).items()
-        if k not in ("func", "quiet", "timings")
+        if k not in ("func", "progress", "timings")
     }
     report = prepare(raw, cfg, {"name": args.source, "args": source_args})
     print(f"prepared {cfg.out} in {read_seconds + report.seconds:.1f} s")
@@ -126,14 +109,42 @@ def cmd_data_fetch(args) -> int:
     return 0
 
 
+def _add_config_options(cls, groups: dict) -> None:
+    """One option per field of the dataclass ``cls``, from the field's metadata: ``help``,
+    ``group`` (a key of ``groups``), and optionally ``flag``, ``negated`` and ``choices``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        target, flag = groups[meta["group"]], meta.get("flag", "--" + f.name.replace("_", "-"))
+        kind = hints[f.name]
+        if kind is bool:
+            action = "store_false" if meta.get("negated") else "store_true"
+            target.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+            continue
+        scalar = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        required = {"required": True} if f.default is dataclasses.MISSING else {"default": f.default}
+        target.add_argument(flag, dest=f.name, type=scalar, choices=meta.get("choices"), help=meta["help"], **required)
+
+
+def _config_from_options(cls, args):
+    """The dataclass ``cls`` from the options ``_add_config_options`` made, validated by data.typed."""
+    from data.errors import DataError
+    from data.typed import TypedConfigError, parse
+
+    try:
+        return parse(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    except TypedConfigError as e:
+        raise DataError(str(e)) from None
+
+
 def _add_data(sub) -> None:
+    from data.config import PrepareConfig
+
     data = sub.add_parser("data", help="prepare and inspect shards").add_subparsers(dest="data_cmd", required=True)
 
     p = data.add_parser("prepare", help="raw interaction logs -> WebDataset shards")
     p.add_argument("--source", choices=SOURCES, required=True)
     p.add_argument("--input", type=Path, help="file or directory (not needed for synthetic)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--on-bad-rows", choices=("fail", "skip"), default="fail")
     g = p.add_argument_group("generic events (--source events)")
     g.add_argument("--format", choices=("csv", "tsv", "parquet", "jsonl"), help="default: from the extension")
@@ -143,43 +154,18 @@ def _add_data(sub) -> None:
     g.add_argument("--action-col")
     g.add_argument("--rating-col")
     g.add_argument("--weight-col")
-    g = p.add_argument_group("item text")
-    g.add_argument("--item-map", type=Path, help="sasrec: 'sasrec_id original_id' lines")
-    g.add_argument("--items", type=Path, help="sasrec: MovieLens movies.dat with titles and genres")
-    g.add_argument("--meta", type=Path, help="amazon: metadata JSON lines")
-    g.add_argument(
-        "--item-text",
-        action="store_true",
-        help="encode each item's text (title, genres, description) for the model: sentence-encoder vectors and hashed word n-grams",
-    )
-    g.add_argument("--text-buckets", type=int, default=1 << 15, help="hash buckets of the text tokens")
-    g.add_argument("--text-cache", type=Path, help="encoded-vector cache (default ~/.cache/lmrec/text)")
+    text = p.add_argument_group("item text")
+    text.add_argument("--item-map", type=Path, help="sasrec: 'sasrec_id original_id' lines")
+    text.add_argument("--items", type=Path, help="sasrec: MovieLens movies.dat with titles and genres")
+    text.add_argument("--meta", type=Path, help="amazon: metadata JSON lines")
     g = p.add_argument_group("synthetic")
     g.add_argument("--users", type=int, default=10_000)
     g.add_argument("--num-items", type=int, default=5_000)
     g.add_argument("--events-per-user", type=float, default=50.0)
     g.add_argument("--synthetic-seed", type=int, default=0)
-    g = p.add_argument_group("processing")
-    g.add_argument("--split", choices=("leave_one_out", "temporal"), default="leave_one_out")
-    g.add_argument("--valid-start", help="temporal: epoch seconds or qFRACTION (quantile of event times)")
-    g.add_argument("--test-start", help="temporal: epoch seconds or qFRACTION")
-    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicate events")
-    g.add_argument("--min-user-events", type=int, default=0, help="k-core: drop users with fewer events")
-    g.add_argument("--min-item-events", type=int, default=0, help="k-core: drop items with fewer events")
-    g.add_argument("--window", type=int, default=0, help="cut training histories into windows of this many events")
-    g.add_argument("--window-overlap", type=int, default=0)
-    g.add_argument("--samples-per-shard", type=int, default=5000)
-    g.add_argument("--seed", type=int, default=0, help="seed of the item index permutation (and of --hold-out-items)")
-    g.add_argument(
-        "--hold-out-items",
-        type=float,
-        default=0.0,
-        help="cold-item protocol: this fraction of items appears only as test targets, never in training or validation",
-    )
-    g.add_argument("--vocab-from", type=Path, help="keep the item/action indices of this prepared directory")
-    g.add_argument("--workers", type=int, default=2, help="processes writing shards")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--timings", action="store_true", help="print the seconds spent in each phase")
+    processing = p.add_argument_group("processing")
+    _add_config_options(PrepareConfig, {None: p, "processing": processing, "item text": text})
+    processing.add_argument("--timings", action="store_true", help="print the seconds spent in each phase")
     p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("inspect", help="print a manifest's statistics")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from data.errors import DataError
 from tests.conftest import run_cli
 
 
@@ -171,3 +172,23 @@ def test_ml1m_acceptance_counts(tmp_path, ml1m_dir):
         }
         assert len(targets) == 6040
         assert all(targets[u] == items[position] for u, items in last_two.items())
+
+
+def test_prepare_options_are_generated_from_prepare_config(tmp_path):
+    import argparse
+    import dataclasses
+
+    from data.config import PrepareConfig
+    from launch.cli import _config_from_options, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["data", "prepare", "--source", "synthetic", "--out", str(tmp_path / "s")])
+    # Every field is an option, and the options' defaults are the fields' defaults.
+    assert _config_from_options(PrepareConfig, args) == PrepareConfig(out=tmp_path / "s")
+    flags = ["--no-dedup", "--quiet", "--window", "4", "--window-overlap", "1", "--text-cache", str(tmp_path)]
+    args = parser.parse_args(["data", "prepare", "--source", "synthetic", "--out", "o", *flags])
+    cfg = _config_from_options(PrepareConfig, args)
+    assert (cfg.dedup, cfg.progress, cfg.window, cfg.window_overlap, cfg.text_cache) == (False, False, 4, 1, tmp_path)
+    assert {f.name for f in dataclasses.fields(PrepareConfig)} <= set(vars(args))
+    with pytest.raises(DataError, match="window_overlap < window"):
+        _config_from_options(PrepareConfig, argparse.Namespace(**{**vars(args), "window_overlap": 9}))
