@@ -313,7 +313,7 @@ def cmd_score(args) -> int:
         )
     except (ArtifactError, ScoringError) as e:
         raise UsageError(str(e)) from None
-    state = "complete" if summary["complete"] else "incomplete (other ranks still owe parts)"
+    state = "complete" if summary["complete"] else "incomplete: parts are missing (run it again to score them)"
     print(f"scored {summary['users']:,} users in {summary['parts']} parts into {args.out}; output {state}")
     return 0
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from data import schema
+from metrics import DEFAULT_KS, RankingMetrics, ranks_from_top_k
 from serve.recommender import Recommender
 
 JOB_FILE = "_job.json"
@@ -40,11 +41,12 @@ def evaluate_artifact(
     rec: Recommender, shards: str | Path, split: str = "test", batch_size: int | None = None, num_workers: int = 1
 ) -> dict:
     """HR@k and NDCG@k of the artifact over a split, full ranking, with the training evaluator's
-    settings stored in the artifact (cut-offs, seen-item filtering, batch size)."""
+    settings stored in the artifact (cut-offs, seen-item filtering, batch size) and the metrics
+    module's tie rule, through the serving ranker's top-K lists."""
     from data.loader import LoaderConfig, iterate_epoch, make_loader
 
     settings = rec.config.get("evaluation", {})
-    ks = tuple(settings.get("ks", (1, 5, 10, 20)))
+    ks = tuple(settings.get("ks", DEFAULT_KS))
     filter_seen = settings.get("filter_seen", True)
     loader_cfg = LoaderConfig(
         split=split,
@@ -55,34 +57,25 @@ def evaluate_artifact(
     )
     dataset, loader = make_loader(str(shards), loader_cfg, 0, 1)
     cutoff = max(ks)
-    ranks, cold = [], []
+    metrics, cold = RankingMetrics(max_rank=cutoff), []
     for batch in iterate_epoch(dataset, loader, epoch=0):
-        real = (batch["weights"] > 0).numpy()
         hidden = rec.encode(batch["items"], batch["lengths"], batch.get("actions"), batch.get("gaps"))
         targets = batch["target_items"].numpy()
         exclude = None
         if filter_seen:
             seen = np.split(batch["seen_items"].numpy(), np.cumsum(batch["seen_lengths"].numpy())[:-1])
             exclude = [s[s != t] for s, t in zip(seen, targets, strict=True)]  # the target stays a candidate
-        _, top = rec.top_k(hidden, cutoff, exclude)
-        hit = top.numpy() == targets[:, None]
-        ranks.append(np.where(hit.any(1), hit.argmax(1), cutoff)[real])
-        cold.append((rec.vocab.popularity[targets] == 0).numpy()[real])
-    ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+        # One candidate more than the largest cut-off: a list certifies ranks below its last place.
+        scores, top = rec.top_k(hidden, cutoff + 1, exclude)
+        metrics.update(ranks_from_top_k(top, scores, batch["target_items"]), batch["weights"])
+        cold.append((rec.vocab.popularity[targets] == 0).numpy()[(batch["weights"] > 0).numpy()])
     cold = np.concatenate(cold) if cold else np.zeros(0, dtype=bool)
-    result = _ranking_metrics(ranks, ks)
+    result = metrics.compute(ks)
     if cold.any():  # targets without training events (cold items) apart from the rest
-        result["cold"], result["warm"] = _ranking_metrics(ranks[cold], ks), _ranking_metrics(ranks[~cold], ks)
-    return result
-
-
-def _ranking_metrics(ranks: np.ndarray, ks) -> dict:
-    result: dict = {}
-    for k in ks:
-        inside = ranks < k
-        result[f"HR@{k}"] = float(inside.mean()) if len(ranks) else float("nan")
-        result[f"NDCG@{k}"] = float(np.where(inside, 1.0 / np.log2(ranks + 2.0), 0.0).mean()) if len(ranks) else 0.0
-    result["users"] = int(len(ranks))
+        for name, chosen in (("cold", cold), ("warm", ~cold)):
+            group = RankingMetrics(max_rank=cutoff)
+            group.update(torch.from_numpy(metrics.ranks[chosen]))
+            result[name] = group.compute(ks)
     return result
 
 

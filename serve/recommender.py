@@ -245,7 +245,8 @@ class Recommender:
             if query is None:
                 block = self.vocab.popularity[start:stop].expand(len(open_rows), -1).clone()
             else:
-                block = self.items.scores(self.model, query, start, stop)
+                # A diverged model's NaN scores rank last (the metrics' rule), not first as topk ranks NaN.
+                block = self.items.scores(self.model, query, start, stop).nan_to_num(nan=-torch.inf)
             if start < schema.FIRST_INDEX:
                 block[:, : schema.FIRST_INDEX - start] = -torch.inf
             inside = (mask_items >= start) & (mask_items < stop)
