@@ -83,6 +83,14 @@ def test_every_next_item_objective_trains_on_two_ranks(tmp_path, tiny, objective
     assert summary["config"]["loss"]["main"] == objective
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_is_a_valid_config(recipe):
+    from train.config import load_config
+
+    cfg = load_config(ROOT / "configs" / recipe, ["data.shards=shards"])
+    assert cfg.model.action_head == ("action" in cfg.loss.auxiliary)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
