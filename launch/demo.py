@@ -38,15 +38,6 @@ def lmrec(*args) -> None:
     run(["lmrec", *args], [sys.executable, "-m", "launch.cli", *args])
 
 
-def torchrun_lmrec(nproc: int, *args) -> None:
-    args = [str(a) for a in args]
-    launcher = ["torchrun", f"--nproc_per_node={nproc}"]
-    run(
-        [*launcher, "-m", "launch.cli", *args],
-        [sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "launch.cli", *args],
-    )
-
-
 def main() -> None:
     lmrec("data", "fetch-ml100k", "--cache", CACHE)
     shards = RUN / "shards"
@@ -54,8 +45,9 @@ def main() -> None:
     # as hashed word tokens; the model (configs/ml-100k.yaml) adds both to the item ID embedding.
     lmrec("data", "prepare", "--source", "recbole", "--input", CACHE / "ml-100k", "--item-text", "--out", shards, "--overwrite", "--quiet")  # fmt: skip
     lmrec("data", "inspect", shards, "--verify")
-    # Two ranks on this machine: TorchRec shards the item table, DeepSpeed ZeRO-2 trains the rest.
-    torchrun_lmrec(2, "train", "--config", "configs/ml-100k.yaml")
+    # Two ranks on this machine (torchrun underneath): TorchRec shards the item table, DeepSpeed
+    # ZeRO-2 trains the rest.
+    lmrec("launch", "local", "--nproc", 2, "--", "--config", "configs/ml-100k.yaml")
     lmrec("eval", RUN / "train" / "best", "--split", "test")
     # The serving artifact: int8 weights and item table, measured through the serving code on export.
     artifact = RUN / "artifact-int8"
