@@ -55,9 +55,7 @@ def _context(loss: LossConfig, num_items=12, action_head=False) -> ObjectiveCont
     counts[:2] = 0
     counts[5] = 0  # an item without training events: never a candidate
     positive = torch.tensor([False, False, True, True])
-    return ObjectiveContext(
-        loss, model, None, ItemCatalog(counts), counts, positive, num_items, torch.device("cpu"), None
-    )
+    return ObjectiveContext(loss, model, None, ItemCatalog(counts), positive, num_items, torch.device("cpu"), None)
 
 
 def _step(n=6, num_items=12) -> StepBatch:

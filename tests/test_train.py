@@ -1,6 +1,7 @@
 """The real training path: TorchRec sharded item table + DeepSpeed engine in 2 gloo processes
 under torchrun, on tiny synthetic shards."""
 
+import json
 import os
 
 import numpy as np
@@ -143,6 +144,16 @@ def test_saved_model_evaluated_in_one_process_matches_the_two_rank_test_metrics(
         assert abs(single["model"][key] - value) < 1e-3, key
     done = run_cli("eval", tmp_path / "run" / "best")
     assert "NDCG@10" in done.stdout and "test users 200" in done.stdout
+    # The saved model is transformers' save_pretrained output: AutoModel reads it as it is.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(tmp_path / "run" / "best")
+    items = json.loads((tiny / "manifest.json").read_text())["vocab"]["items"]
+    assert type(loaded).__name__ == "SequenceRecommender" and loaded.config.num_items == items
+    for name, value in load_file(str(tmp_path / "run" / "best" / "model.safetensors")).items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
 def _ownership_worker(rank: int, port: int, shards: str, out: str, results) -> None:

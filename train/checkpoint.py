@@ -648,9 +648,7 @@ class CheckpointManager:
         file = Path(path) / RANKS / f"rank_{self.rank:05d}.pt"
         if not file.exists():
             raise CheckpointError(f"{path}: missing rank file {file.relative_to(path)}")
-        state = torch.load(file, weights_only=False)
-        # Format 1 kept the RNG states under "rng" too, and the data position under "data".
-        return state
+        return torch.load(file, weights_only=False)
 
     def load_weights(self, path: Path) -> None:
         """Only the model weights (dense and tables) of ``path``: the best checkpoint's, say."""

@@ -44,16 +44,21 @@ class StepSignals:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.host = torch.zeros(2)
-        self.ready = torch.cuda.Event() if device.type == "cuda" else None
+        # Page-locked on GPUs, so that both copies are asynchronous; the flags are written only
+        # after ``agreed`` waited for the copies of the step before.
+        pinned = device.type == "cuda"
+        self.outgoing = torch.zeros(2, pin_memory=pinned)
+        self.incoming = torch.zeros(2, pin_memory=pinned)
+        self.ready = torch.cuda.Event() if pinned else None
 
     def reduce(self, weight_sum: torch.Tensor, preempted: bool, out_of_time: bool) -> torch.Tensor:
         """The global weight sum (a device tensor); the agreed flags follow in ``agreed``."""
-        flags = torch.tensor([float(preempted), float(out_of_time)], device=self.device)
+        self.outgoing[0], self.outgoing[1] = float(preempted), float(out_of_time)
+        flags = self.outgoing.to(self.device, non_blocking=True)
         control = torch.cat([weight_sum.detach().reshape(1), flags])
         if dist.is_initialized():
             dist.all_reduce(control)
-        self.host = control[1:].to("cpu", non_blocking=True)
+        self.incoming.copy_(control[1:], non_blocking=True)
         if self.ready is not None:
             self.ready.record()
         return control[0]
@@ -61,7 +66,7 @@ class StepSignals:
     def agreed(self) -> tuple[bool, bool]:
         if self.ready is not None:
             self.ready.synchronize()  # waits for the all-reduce, not for the step's compute after it
-        preempted, out_of_time = self.host.numpy() > 0
+        preempted, out_of_time = self.incoming.numpy() > 0
         return bool(preempted), bool(out_of_time)
 
 

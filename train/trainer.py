@@ -125,15 +125,14 @@ class Trainer:
         self.positive_action = positive_actions(cfg.data.shards, num_actions, cfg.loss.positive_action_min)
         self.loss_fn = build_loss(
             ObjectiveContext(
-                cfg.loss,
-                model,
-                self.tables,
-                self.catalog,
-                self.catalog.counts,
-                self.positive_action,
-                self.num_items,
-                env.device,
-                dist.group.WORLD if dist.is_initialized() else None,
+                cfg=cfg.loss,
+                model=model,
+                tables=self.tables,
+                catalog=self.catalog,
+                positive_action=self.positive_action,
+                num_items=self.num_items,
+                device=env.device,
+                group=dist.group.WORLD if dist.is_initialized() else None,
             )
         )
         self.evaluator = Evaluator(

@@ -37,8 +37,7 @@ class ObjectiveContext:
     cfg: LossConfig
     model: SequenceRecommender  # the dense module (scores, pair_scores, action_logits)
     tables: ItemEmbeddings  # the sharded tables themselves, not only the rows a step looked up
-    catalog: ItemCatalog
-    popularity: torch.Tensor  # (V,) training-event counts
+    catalog: ItemCatalog  # counts (popularity), has_id, text features
     positive_action: torch.Tensor  # (A,) bool: which action indices the action head calls positive
     num_items: int
     device: torch.device
@@ -47,7 +46,7 @@ class ObjectiveContext:
     def trained_items_proposal(self, sampler: str) -> torch.Tensor:
         """A negative-sampling distribution over the items with training events (the catalog
         being learned): uniform, or popularity (count + 1)."""
-        weights = torch.ones(self.num_items) if sampler == "uniform" else self.popularity.float() + 1.0
+        weights = torch.ones(self.num_items) if sampler == "uniform" else self.catalog.counts.float() + 1.0
         weights[:RESERVED] = 0.0
         weights[~self.catalog.has_id] = 0.0
         return weights / weights.sum()

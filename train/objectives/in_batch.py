@@ -25,7 +25,7 @@ class InBatchSoftmax(Objective):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.log_q = torch.log(ctx.popularity.float().to(ctx.device) + 1.0)
+        self.log_q = torch.log(ctx.catalog.counts.float().to(ctx.device) + 1.0)
 
     def __call__(self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled) -> torch.Tensor:
         targets = step.targets
