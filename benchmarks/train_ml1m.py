@@ -56,8 +56,9 @@ def main() -> None:
     history = [(h["epoch"] + 1, h["valid"]["model"]["NDCG@10"]) for h in summary["history"]]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(map(str, command[2:])),
-        "overrides": overrides,
+        # Paths relative to the checkout, so the record says nothing about the machine it ran on.
+        "command": " ".join(map(str, command[2:])).replace(f"{ROOT}/", ""),
+        "overrides": [o.replace(f"{ROOT}/", "") for o in overrides],
         "wall_s_train_and_eval": round(wall, 1),
         "train_seconds": summary["train_seconds"],
         "steps": summary["steps"],

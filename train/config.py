@@ -161,7 +161,7 @@ class LossConfig:
     main: str = "full"
     auxiliary: dict[str, float] = field(default_factory=dict)  # e.g. {action: 0.5}
     num_negatives: int = 1024  # sampled: negatives shared by a step's positions
-    negative_sampler: str = "uniform"  # sampled: uniform over the trained items, or popularity (count + 1)
+    negative_sampler: str = "uniform"  # sampled, bce: uniform over the trained items, or popularity (count + 1)
     positive_action_min: float = 4.0  # action: a raw action value >= this is positive (a rating of 4 or 5, say)
 
     def __post_init__(self):
