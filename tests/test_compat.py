@@ -1,14 +1,19 @@
 """Models written before the transformers model class and the objectives' own config section
 (lmrec 92508b7: checkpoint format 1, saved models with a meta.json, artifacts whose model section
-names the loss) are converted on read: they evaluate, serve and resume exactly as they did.
+names the loss) are converted on read: they evaluate, serve and resume as they did.
 
 tests/fixtures/format-1 was written by that version (expected.json says how), on the synthetic
-shards the ``shards`` fixture prepares again."""
+shards the ``shards`` fixture prepares again. Its expected figures were computed on another CPU,
+whose kernels round differently by a few units in the last place (a relative 1.6e-7 measured on
+a later machine), so computed scores and losses are compared to a relative 1e-5; what conversion itself
+produces (the weights it reads) is compared bit for bit. Bit-identical resume on one machine is
+test_checkpoint's SIGKILL test."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli, torchrun_train
 
@@ -33,7 +38,7 @@ def test_a_format_1_saved_model_evaluates_as_it_did(shards):
 
     result = evaluate_source(FIXTURE / "saved-model", "test", str(shards))
     for key, value in EXPECTED["saved_model_test"].items():
-        assert result["model"][key] == pytest.approx(value, abs=1e-9), key
+        assert result["model"][key] == pytest.approx(value, abs=1e-9), key  # ranks: rounding does not reach them
 
 
 def test_a_format_1_artifact_recommends_as_it_did():
@@ -42,20 +47,29 @@ def test_a_format_1_artifact_recommends_as_it_did():
     answers = Recommender.load(FIXTURE / "artifact").recommend(EXPECTED["histories"], k=5)
     for answer, expected in zip(answers, EXPECTED["recommendations"], strict=True):
         assert answer.items == expected["items"]
-        assert answer.scores == pytest.approx(expected["scores"], abs=1e-6)
+        assert answer.scores == pytest.approx(expected["scores"], rel=1e-5)
 
 
-def test_a_format_1_checkpoint_resumes_bit_identically_and_exports(shards, tmp_path):
+def test_a_format_1_checkpoint_resumes_as_it_did_and_exports(shards, tmp_path):
+    from safetensors.torch import load_file
+
     run = tmp_path / "run"
     shutil.copytree(FIXTURE / "checkpoint", run / "checkpoints" / "step_000000020")
     (run / "checkpoints" / "latest").write_text("step_000000020\n")
     resumed, log = torchrun_train(run, shards, "schedule.epochs=3", train_args=["--resume", "auto"])
     assert "at step 20 (epoch 2, batch 0)" in log and "resharded" not in log and "restarts" not in log
-    assert resumed["losses"] == EXPECTED["resumed_losses"]  # steps 21-30, bit for bit
-    assert resumed["test"]["model"] == EXPECTED["resumed_test"]
+    # Steps 21-30. Resuming with the first AdamW moment zeroed moves them by a relative 8e-3.
+    assert resumed["losses"] == pytest.approx(EXPECTED["resumed_losses"], rel=1e-5)
+    assert resumed["test"]["model"] == pytest.approx(EXPECTED["resumed_test"], rel=1e-5)
     # The old checkpoint is also a source for export and consolidation.
     checkpoint = FIXTURE / "checkpoint"
     run_cli("export", checkpoint, "--out", tmp_path / "art", "--shards", shards, "--no-eval")
     run_cli("checkpoint", "consolidate", checkpoint, "--out", tmp_path / "model")
     done = run_cli("eval", tmp_path / "model", "--shards", shards)
     assert "test users 300" in done.stdout
+    written = load_file(str(checkpoint / "dense.safetensors"))
+    weights = {name.removeprefix("weight/"): t for name, t in written.items() if name.startswith("weight/")}
+    read = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert read.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(read[name], tensor), name
