@@ -105,7 +105,8 @@ def normalise_events(
         if mask.any() and len(problems) < 5:
             row = int(mask.arg_true()[0])
             value = df[columns[column]][row]
-            problems.append(f"{_where(path, row, line_offset, lines)}, column '{columns[column]}': {value!r} {what}")
+            found = "no value" if value is None else f"{value!r} {what}"
+            problems.append(f"{_where(path, row, line_offset, lines)}, column '{columns[column]}': {found}")
         bad = bad | mask
 
     out: dict[str, pl.Series] = {}
@@ -287,8 +288,12 @@ def read_records(
 
 def read_jsonl(path: Path, loads=json.loads) -> pl.DataFrame:
     raw = _open_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {_undecodable_line(raw)}") from None
     rows = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -80,7 +80,7 @@ def test_skip_bad_rows_reports_count(tmp_path):
             r"e\.jsonl line 2: not valid JSON",
         ),
         ("e.parquet", "PAR1 truncated", r"e\.parquet: not a readable Parquet file"),
-        ("e.csv", "user_id,item_id,timestamp\n1,2,3\n1,3", r"e\.csv line 3, column 'timestamp': None is not a numeric"),
+        ("e.csv", "user_id,item_id,timestamp\n1,2,3\n1,3", r"e\.csv line 3, column 'timestamp': no value"),
     ],
 )
 def test_bad_files(tmp_path, name, content, pattern):
@@ -209,6 +209,12 @@ def _csv(directory):
             id="csv-not-utf8",
         ),
         pytest.param({"ml.txt": "1 1\n1\x002\n"}, _sasrec, r"ml\.txt: line 2 holds a NUL byte", id="sasrec-nul-byte"),
+        pytest.param(
+            {"e.jsonl": '{"user_id": 1, "item_id": 2}\n{"user_id": 1, "item_id": "\xff"}\n'},
+            lambda directory: read_events(directory / "e.jsonl"),
+            r"e\.jsonl: line 2 is not valid UTF-8 \(byte 0xff\)",
+            id="jsonl-not-utf8",
+        ),
     ],
 )
 def test_malformed_lines_name_the_file_and_line(tmp_path, files, read, pattern):
