@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
-from data.shards import load_manifest
+from data.shards import load_manifest, write_text_atomic
 from model.config import RecommenderConfig
 from model.items import RESERVED, TOKEN_TABLE, item_tables
 from model.modeling import SequenceRecommender
@@ -416,7 +416,8 @@ class Trainer:
         }
         self.telemetry.close()
         if self.env.is_main:
-            (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+            # The run's completion record: never half written.
+            write_text_atomic(self.out / "metrics.json", json.dumps(summary, indent=2, default=float))
             print(metrics_table(test))
         if dist.is_initialized():
             dist.barrier()
