@@ -61,12 +61,18 @@ def test_a_format_1_checkpoint_resumes_as_it_did_and_exports(shards, tmp_path):
     # Steps 21-30. Resuming with the first AdamW moment zeroed moves them by a relative 8e-3.
     assert resumed["losses"] == pytest.approx(EXPECTED["resumed_losses"], rel=1e-5)
     assert resumed["test"]["model"] == pytest.approx(EXPECTED["resumed_test"], rel=1e-5)
-    # The old checkpoint is also a source for export and consolidation.
+    # The old checkpoint is also a source for export and consolidation (in this process: the
+    # commands around these functions are tested on current checkpoints).
+    from serve.recommender import Recommender
+    from train.evaluate import evaluate_source
+    from train.export import export
+    from train.saved_model import consolidate
+
     checkpoint = FIXTURE / "checkpoint"
-    run_cli("export", checkpoint, "--out", tmp_path / "art", "--shards", shards, "--no-eval")
-    run_cli("checkpoint", "consolidate", checkpoint, "--out", tmp_path / "model")
-    done = run_cli("eval", tmp_path / "model", "--shards", shards)
-    assert "test users 300" in done.stdout
+    export(checkpoint, tmp_path / "art", shards=shards, evaluate=False, log=lambda _: None)
+    assert Recommender.load(tmp_path / "art").recommend(EXPECTED["histories"][:1], k=5)[0].items
+    consolidate(checkpoint, tmp_path / "model", log=lambda _: None)
+    assert evaluate_source(tmp_path / "model", "test", str(shards))["model"]["users"] == 300
     written = load_file(str(checkpoint / "dense.safetensors"))
     weights = {name.removeprefix("weight/"): t for name, t in written.items() if name.startswith("weight/")}
     read = load_file(str(tmp_path / "model" / "model.safetensors"))
