@@ -73,7 +73,7 @@ def test_short_run_on_default_synthetic_data_beats_popularity_twice(tmp_path):
     assert model >= 2 * popularity, stdout
 
 
-@pytest.mark.parametrize("objective", ["sampled", "in_batch", "bce"])
+@pytest.mark.parametrize("objective", ["sampled", "in_batch", "bce", "full_sharded"])
 def test_every_next_item_objective_trains_on_two_ranks(tmp_path, tiny, objective):
     summary, stdout = torchrun_train(
         tmp_path / objective, tiny, f"loss.main={objective}", "loss.num_negatives=32", "schedule.epochs=1",

@@ -163,6 +163,7 @@ class LossConfig:
     num_negatives: int = 1024  # sampled: negatives shared by a step's positions
     negative_sampler: str = "uniform"  # sampled, bce: uniform over the trained items, or popularity (count + 1)
     positive_action_min: float = 4.0  # action: a raw action value >= this is positive (a rating of 4 or 5, say)
+    score_block_rows: int = 8192  # full_sharded: item rows scored at a time (memory: 4 B x all positions x this)
 
     def __post_init__(self):
         from train.objectives import REGISTRY
@@ -185,6 +186,8 @@ class LossConfig:
             )
         if self.num_negatives < 1:
             raise ConfigError("loss.num_negatives must be >= 1")
+        if self.score_block_rows < 1:
+            raise ConfigError("loss.score_block_rows must be >= 1")
 
 
 @dataclass
@@ -207,6 +210,11 @@ class Config:
             raise ConfigError(
                 "model.action_head and the 'action' objective go together: set model.action_head=true and "
                 "loss.auxiliary.action=WEIGHT (0.5 in the recipes), or neither"
+            )
+        if self.loss.main == "full_sharded" and self.parallel.sharding == "column_wise":
+            raise ConfigError(
+                "loss.main=full_sharded scores the item rows each rank owns: it needs parallel.sharding row_wise "
+                "or table_wise, not column_wise"
             )
 
     @property

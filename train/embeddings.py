@@ -163,6 +163,20 @@ class ItemEmbeddings:
             return self.pool(table, torch.arange(spec.rows), torch.ones(spec.rows, dtype=torch.int32))
         return self.lookup(table, torch.arange(spec.rows))
 
+    def owned_rows(self, table: str) -> tuple[int, int]:
+        """The rows [first, last) of ``table`` this rank holds whole (row-wise or table-wise
+        sharding; (0, 0) when it holds none)."""
+        shards = self._shards(table)
+        if not shards:
+            return 0, 0
+        (row0, col0), (rows, cols) = shards[0].metadata.shard_offsets, shards[0].metadata.shard_sizes
+        if len(shards) > 1 or col0 != 0 or cols != self.specs[table].dim:
+            raise ValueError(
+                f"table {table}: rank {self.env.rank} holds columns, not whole rows; scoring the rows a rank owns "
+                "needs parallel.sharding row_wise or table_wise"
+            )
+        return row0, row0 + rows
+
     def weights(self) -> dict:
         """Table name -> this table's ShardedTensor (a view of the rows the optimizer updates)."""
         state = self.module.state_dict()

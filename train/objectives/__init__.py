@@ -3,11 +3,12 @@ registry; every objective implements train.objectives.base.Objective."""
 
 from __future__ import annotations
 
-from train.objectives import action, bce, full, in_batch, sampled
+from train.objectives import action, bce, full, full_sharded, in_batch, sampled
 from train.objectives.base import Objective, ObjectiveContext, StepBatch, StepItems, WeightedObjectives
 
 REGISTRY: dict[str, type[Objective]] = {
     "full": full.FullSoftmax,
+    "full_sharded": full_sharded.ShardedFullSoftmax,
     "sampled": sampled.SampledSoftmax,
     "in_batch": in_batch.InBatchSoftmax,
     "action": action.ActionHead,
