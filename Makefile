@@ -47,6 +47,7 @@ bench: install
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/text.py
+	$(PY) benchmarks/sharded_softmax.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -151,7 +151,12 @@ def main() -> None:
             capture_output=True, text=True, cwd=ROOT,
         )  # fmt: skip
         if done.returncode != 0:
-            raise SystemExit(f"{objective} at {rows:,} rows failed:\n{done.stderr[-3000:]}")
+            # A case that does not fit is a result too (the kernel's SIGKILL is the out-of-memory killer).
+            killed = "SIGKILL" in done.stderr
+            reason = "killed (out of memory)" if killed else done.stderr.strip().splitlines()[-1]
+            print(f"{objective:13s} {rows:>11,} rows: failed: {reason}", flush=True)
+            results.append({"objective": objective, "rows": rows, "failed": reason})
+            continue
         ranks = json.loads(done.stdout.strip().splitlines()[-1])
         results.append({"objective": objective, "rows": rows, "ranks": ranks})
         worst = max(ranks, key=lambda r: r["step_s"])

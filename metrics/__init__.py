@@ -9,6 +9,7 @@ from metrics.binary import binary_metrics
 from metrics.ranking import (
     DEFAULT_KS,
     RankingMetrics,
+    blocked_target_ranks,
     paired_bootstrap,
     popularity_scores,
     ranks_from_top_k,
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_KS",
     "RankingMetrics",
     "binary_metrics",
+    "blocked_target_ranks",
     "paired_bootstrap",
     "popularity_scores",
     "ranks_from_top_k",

@@ -18,6 +18,7 @@ import torch.distributed as dist
 __all__ = [
     "DEFAULT_KS",
     "RankingMetrics",
+    "blocked_target_ranks",
     "paired_bootstrap",
     "popularity_scores",
     "ranks_from_top_k",
@@ -82,6 +83,53 @@ def target_ranks(
     candidates[rows, targets] = False
     target_scores = scores[rows, targets].unsqueeze(1)
     return (scores >= target_scores).logical_and_(candidates).sum(dim=1)
+
+
+def blocked_target_ranks(
+    score_block,
+    num_items: int,
+    targets: torch.Tensor,
+    target_scores: torch.Tensor,
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block: int = 65536,
+    reserved: int = 2,
+) -> torch.Tensor:
+    """:func:`target_ranks` without the ``[B, V]`` score matrix: ``score_block(start, stop)``
+    gives the users' scores of items ``[start, stop)`` (``[B, stop - start]``, or 1-D when every
+    user shares them), scored ``block`` items at a time, so memory is ``B x block`` whatever the
+    catalog. ``target_scores`` ``[B]`` are the targets' own scores, computed the way the blocks
+    are (the same ties then break the same way); ``seen`` is the loader's jagged
+    ``(seen_items, seen_lengths)``, excluded as :func:`target_ranks` excludes :func:`seen_mask`."""
+    batch = targets.shape[0]
+    device = target_scores.device
+    targets = targets.to(device=device, dtype=torch.int64)
+    if batch and (int(targets.min()) < 0 or int(targets.max()) >= num_items):
+        raise ValueError(f"targets must lie in [0, {num_items})")
+    if not target_scores.is_floating_point():
+        target_scores = target_scores.double()
+    target_scores = target_scores.nan_to_num(nan=-math.inf).unsqueeze(1)
+    if seen is not None:
+        seen_items, seen_lengths = seen[0].to(device, torch.int64), seen[1].to(device, torch.int64)
+        seen_rows = torch.repeat_interleave(torch.arange(batch, device=device), seen_lengths)
+    rows = torch.arange(batch, device=device)
+    ranks = torch.zeros(batch, dtype=torch.int64, device=device)
+    for start in range(0, num_items, block):
+        stop = min(start + block, num_items)
+        scores = score_block(start, stop)
+        if not scores.is_floating_point():
+            scores = scores.double()
+        scores = scores.nan_to_num(nan=-math.inf)
+        if scores.dim() == 1:
+            scores = scores.unsqueeze(0).expand(batch, -1)
+        candidates = torch.ones((batch, stop - start), dtype=torch.bool, device=device)
+        candidates[:, : max(0, reserved - start)] = False
+        if seen is not None:
+            inside = (seen_items >= start) & (seen_items < stop)
+            candidates[seen_rows[inside], seen_items[inside] - start] = False
+        here = (targets >= start) & (targets < stop)
+        candidates[rows[here], targets[here] - start] = False
+        ranks += (scores >= target_scores).logical_and_(candidates).sum(dim=1)
+    return ranks
 
 
 def ranks_from_top_k(

@@ -17,6 +17,7 @@ from metrics import (
     DEFAULT_KS,
     RankingMetrics,
     binary_metrics,
+    blocked_target_ranks,
     paired_bootstrap,
     popularity_scores,
     ranks_from_top_k,
@@ -331,3 +332,28 @@ def test_gather_across_gloo_ranks(tmp_path):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["ranks"] == _ALL_RANKS
         assert result["compute"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("block", [1, 7, 50, 1000])
+def test_blocked_ranks_equal_the_full_matrix_ranks(block):
+    g = torch.Generator().manual_seed(3)
+    batch, items = 9, 50
+    scores = torch.randint(0, 6, (batch, items), generator=g).float()  # many ties
+    scores[0] = 1.0  # a constant model
+    scores[1, 10] = float("nan")
+    targets = torch.randint(2, items, (batch,), generator=g)
+    scores[2, targets[2]] = float("nan")  # a NaN target ranks last
+    lengths = torch.randint(0, 12, (batch,), generator=g)
+    seen = torch.randint(0, items, (int(lengths.sum()),), generator=g)
+    seen[0] = targets[0]  # the target among the seen items stays a candidate
+    expected = target_ranks(scores, targets, seen_mask(seen, lengths, items))
+    rows = torch.arange(batch)
+    got = blocked_target_ranks(
+        lambda a, b: scores[:, a:b], items, targets, scores[rows, targets], (seen, lengths), block=block
+    )
+    assert torch.equal(got, expected)
+    assert torch.equal(blocked_target_ranks(lambda a, b: scores[:, a:b], items, targets, scores[rows, targets],
+                                            block=block), target_ranks(scores, targets))  # fmt: skip
+    counts = torch.randint(0, 4, (items,), generator=g).double()  # popularity: one row for everyone
+    shared = blocked_target_ranks(lambda a, b: counts[a:b], items, targets, counts[targets], (seen, lengths), block)
+    assert torch.equal(shared, target_ranks(counts, targets, seen_mask(seen, lengths, items)))

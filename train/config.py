@@ -118,10 +118,13 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     filter_seen: bool = True
     bootstrap_samples: int = 1000
+    score_block_rows: int = 65536  # items scored at a time against a batch of users (memory: batch x this)
 
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1 or self.bootstrap_samples < 1:
             raise ConfigError("eval.ks must be a non-empty list of cut-offs >= 1, eval.bootstrap_samples >= 1")
+        if self.score_block_rows < 1:
+            raise ConfigError("eval.score_block_rows must be >= 1")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Full-ranking evaluation, shared by the Trainer and ``lmrec eval``.
 
 Each rank scores its share of the users (the loader splits them) against the whole item table,
-and the per-user ranks are gathered, so the result is exact and equal to a single-process run.
+``eval.score_block_rows`` items at a time (memory: batch x block, whatever the catalog), and the
+per-user ranks are gathered, so the result is exact and equal to a single-process run.
 The popularity baseline (training-event counts) is scored by the same code beside the model.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
-from metrics import RankingMetrics, binary_metrics, popularity_scores, seen_mask, target_ranks
+from metrics import RankingMetrics, binary_metrics, blocked_target_ranks, popularity_scores
 from model.modeling import SequenceRecommender
 
 
@@ -63,15 +64,23 @@ class Evaluator:
             actions = batch["actions"].to(device) if "actions" in batch else None
             gaps = batch["gaps"].to(device) if "gaps" in batch else None
             hidden = model.last_hidden(forward(table[items], lengths, actions, gaps), lengths).float()
-            exclude = None
-            if cfg.eval.filter_seen:
-                exclude = seen_mask(batch["seen_items"].to(device), batch["seen_lengths"].to(device), len(table))
+            seen = (batch["seen_items"], batch["seen_lengths"]) if cfg.eval.filter_seen else None
             targets = batch["target_items"].to(device)
-            model_metrics.update(target_ranks(model.scores(hidden, table), targets, exclude).cpu(), batch["weights"])
+            # The targets' scores by the same matmul the blocks use, so that ties break the same way.
+            target_scores = model.scores(hidden, table[targets]).diagonal()
+            ranks = blocked_target_ranks(
+                lambda start, stop, hidden=hidden: model.scores(hidden, table[start:stop]),
+                len(table), targets, target_scores, seen, cfg.eval.score_block_rows,
+            )  # fmt: skip
+            model_metrics.update(ranks.cpu(), batch["weights"])
             real = batch["weights"] > 0
             users.append(batch["users"][real])
             cold.append((self.counts[targets.cpu()] == 0)[real])
-            popularity_metrics.update(target_ranks(baseline, targets, exclude).cpu(), batch["weights"])
+            ranks = blocked_target_ranks(
+                lambda start, stop: baseline[start:stop], len(table), targets, baseline[targets], seen,
+                cfg.eval.score_block_rows,
+            )  # fmt: skip
+            popularity_metrics.update(ranks.cpu(), batch["weights"])
             if model.action_head is not None:
                 probabilities = torch.sigmoid(model.action_logits(hidden, table[targets])).cpu()
                 action_probabilities.append(probabilities[real])
