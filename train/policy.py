@@ -4,7 +4,7 @@ One place decides it, from the progress (``TrainState``) and the signals every r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -88,9 +88,12 @@ class StepPolicy:
         return bool(self.schedule.max_steps) and state.step >= self.schedule.max_steps
 
     def at_start(self, state) -> Decision:
-        """Before the first step of a (resumed) run: a run resumed at its end only finishes."""
+        """Before the first step of a (resumed) run: a run resumed at its end only finishes; one
+        preempted after an epoch's last batch first does what that epoch's end does."""
         if state.epoch >= self.schedule.epochs or state.stopped_early:
             return Decision(stop=True)
+        if state.batch >= self.steps_per_epoch:
+            return replace(self.after_step(state, preempted=False, out_of_time=False), log=False)
         if self.out_of_steps(state):
             pending = state.evaluated_step != state.step
             return Decision(evaluate=pending, checkpoint=pending, stop=True)

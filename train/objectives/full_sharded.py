@@ -62,7 +62,7 @@ def _gather_positions(hidden: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     counts = torch.cat(every).tolist()
     padded = F.pad(hidden, (0, 0, 0, max(counts) - hidden.shape[0]))
     # torch's functional collective: differentiable (backward sums each rank's gradient back to it).
-    gathered = funcol.all_gather_single(padded, 0, group).view(len(counts), max(counts), -1)
+    gathered = funcol.all_gather_single(padded, 0, group).view(len(counts), max(counts), hidden.shape[1])
     rank = dist.get_rank(group)
     return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)]), sum(counts[:rank])
 
@@ -72,8 +72,7 @@ class ShardedFullSoftmax(Objective):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.first, self.last = ctx.tables.owned_rows(ID_TABLE)
-        owned = torch.arange(self.first, self.last)
+        owned = torch.arange(*ctx.tables.owned_rows(ID_TABLE))
         self.owned = owned
         self.candidates = (ctx.catalog.has_id[owned] & (owned >= RESERVED)).to(ctx.device)
         self.block = ctx.cfg.score_block_rows
