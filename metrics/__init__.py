@@ -13,6 +13,7 @@ from metrics.ranking import (
     paired_bootstrap,
     popularity_scores,
     ranks_from_top_k,
+    seen_blocks,
     seen_mask,
     target_ranks,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "paired_bootstrap",
     "popularity_scores",
     "ranks_from_top_k",
+    "seen_blocks",
     "seen_mask",
     "target_ranks",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "paired_bootstrap",
     "popularity_scores",
     "ranks_from_top_k",
+    "seen_blocks",
     "seen_mask",
     "target_ranks",
 ]
@@ -63,26 +64,20 @@ def target_ranks(
             f"expected scores [B, V] and targets [B], got {tuple(scores.shape)} and {tuple(targets.shape)}"
         )
     batch, num_items = scores.shape
+    if exclude is not None and exclude.shape != (batch, num_items):
+        raise ValueError(f"exclude must have shape {(batch, num_items)}, got {tuple(exclude.shape)}")
     targets = targets.to(device=scores.device, dtype=torch.int64)
     if batch and (int(targets.min()) < 0 or int(targets.max()) >= num_items):
         raise ValueError(f"targets must lie in [0, {num_items})")
-    if not scores.is_floating_point():
-        scores = scores.double()  # exact for integer counts up to 2**53
-    scores = scores.nan_to_num(nan=-math.inf)
-
-    if exclude is None:
-        candidates = torch.ones((batch, num_items), dtype=torch.bool, device=scores.device)
-    else:
-        if exclude.shape != (batch, num_items):
-            raise ValueError(f"exclude must have shape {(batch, num_items)}, got {tuple(exclude.shape)}")
-        candidates = ~exclude.to(device=scores.device, dtype=torch.bool)
-    candidates[:, :reserved] = False
-    rows = torch.arange(batch, device=scores.device)
-    # The target is not its own competitor; with it out of the candidate set, ">=" counts exactly
-    # the strictly better candidates plus the other ties.
-    candidates[rows, targets] = False
-    target_scores = scores[rows, targets].unsqueeze(1)
-    return (scores >= target_scores).logical_and_(candidates).sum(dim=1)
+    return blocked_target_ranks(
+        lambda start, stop: scores[:, start:stop],
+        num_items,
+        targets,
+        scores[torch.arange(batch, device=scores.device), targets],
+        None if exclude is None else lambda start, stop: exclude[:, start:stop],
+        block=max(num_items, 1),
+        reserved=reserved,
+    )
 
 
 def blocked_target_ranks(
@@ -90,7 +85,7 @@ def blocked_target_ranks(
     num_items: int,
     targets: torch.Tensor,
     target_scores: torch.Tensor,
-    seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exclude_block=None,
     block: int = 65536,
     reserved: int = 2,
 ) -> torch.Tensor:
@@ -98,8 +93,9 @@ def blocked_target_ranks(
     gives the users' scores of items ``[start, stop)`` (``[B, stop - start]``, or 1-D when every
     user shares them), scored ``block`` items at a time, so memory is ``B x block`` whatever the
     catalog. ``target_scores`` ``[B]`` are the targets' own scores, computed the way the blocks
-    are (the same ties then break the same way); ``seen`` is the loader's jagged
-    ``(seen_items, seen_lengths)``, excluded as :func:`target_ranks` excludes :func:`seen_mask`."""
+    are (the same ties then break the same way); ``exclude_block(start, stop)``, where given,
+    gives the ``[B, stop - start]`` items to exclude (:func:`seen_blocks`). :func:`target_ranks`
+    is this with one block."""
     batch = targets.shape[0]
     device = target_scores.device
     targets = targets.to(device=device, dtype=torch.int64)
@@ -108,9 +104,6 @@ def blocked_target_ranks(
     if not target_scores.is_floating_point():
         target_scores = target_scores.double()
     target_scores = target_scores.nan_to_num(nan=-math.inf).unsqueeze(1)
-    if seen is not None:
-        seen_items, seen_lengths = seen[0].to(device, torch.int64), seen[1].to(device, torch.int64)
-        seen_rows = torch.repeat_interleave(torch.arange(batch, device=device), seen_lengths)
     rows = torch.arange(batch, device=device)
     ranks = torch.zeros(batch, dtype=torch.int64, device=device)
     for start in range(0, num_items, block):
@@ -123,9 +116,8 @@ def blocked_target_ranks(
             scores = scores.unsqueeze(0).expand(batch, -1)
         candidates = torch.ones((batch, stop - start), dtype=torch.bool, device=device)
         candidates[:, : max(0, reserved - start)] = False
-        if seen is not None:
-            inside = (seen_items >= start) & (seen_items < stop)
-            candidates[seen_rows[inside], seen_items[inside] - start] = False
+        if exclude_block is not None:
+            candidates &= ~exclude_block(start, stop).to(device=device, dtype=torch.bool)
         here = (targets >= start) & (targets < stop)
         candidates[rows[here], targets[here] - start] = False
         ranks += (scores >= target_scores).logical_and_(candidates).sum(dim=1)
@@ -183,15 +175,12 @@ def ranks_from_top_k(
     return ahead.clamp_(max=length - 1)
 
 
-def seen_mask(
-    seen_items: torch.Tensor,
-    seen_lengths: torch.Tensor,
-    num_items: int,
-) -> torch.Tensor:
-    """Dense ``[B, num_items]`` exclusion mask from the loader's jagged ``seen_items``/``seen_lengths``.
+def seen_blocks(seen_items: torch.Tensor, seen_lengths: torch.Tensor, num_items: int):
+    """``mask(start, stop)``: the dense ``[B, stop - start]`` exclusion mask of items
+    ``[start, stop)`` from the loader's jagged ``seen_items``/``seen_lengths``, checked once.
 
     The loader ships histories jagged because users differ by orders of magnitude in length; the
-    ranking needs a dense mask aligned with the score matrix, built on the device the items are on
+    ranking needs dense masks aligned with the score blocks, built on the device the items are on
     so that no per-row Python loop or host round trip is needed.
     """
     seen_items = seen_items.to(torch.int64)
@@ -200,10 +189,20 @@ def seen_mask(
         raise ValueError(f"seen_lengths sum to {int(seen_lengths.sum())} but there are {seen_items.numel()} seen_items")
     if seen_items.numel() and (int(seen_items.min()) < 0 or int(seen_items.max()) >= num_items):
         raise ValueError(f"seen_items must lie in [0, {num_items})")
-    mask = torch.zeros((seen_lengths.shape[0], num_items), dtype=torch.bool, device=seen_items.device)
     rows = torch.repeat_interleave(torch.arange(seen_lengths.shape[0], device=seen_items.device), seen_lengths)
-    mask[rows, seen_items] = True
+
+    def mask(start: int, stop: int) -> torch.Tensor:
+        block = torch.zeros((seen_lengths.shape[0], stop - start), dtype=torch.bool, device=seen_items.device)
+        inside = (seen_items >= start) & (seen_items < stop)
+        block[rows[inside], seen_items[inside] - start] = True
+        return block
+
     return mask
+
+
+def seen_mask(seen_items: torch.Tensor, seen_lengths: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Dense ``[B, num_items]`` exclusion mask: :func:`seen_blocks` as one block."""
+    return seen_blocks(seen_items, seen_lengths, num_items)(0, num_items)
 
 
 def popularity_scores(counts: torch.Tensor) -> torch.Tensor:

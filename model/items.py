@@ -66,9 +66,6 @@ class ItemTables(Protocol):
     def pool(self, table: str, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(N, D) means of the rows of ``values`` split into N bags by ``lengths`` (an empty bag gives zeros)."""
 
-    def owned_rows(self, table: str) -> tuple[int, int]:
-        """The rows [first, last) of ``table`` held here whole: what this rank scores by itself."""
-
 
 class PlainItemTables:
     """Tables as tensors in one process. A table may be a block of rows starting at
@@ -79,10 +76,6 @@ class PlainItemTables:
 
     def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         return self.tables[table][ids - self.first_rows.get(table, 0)].float()
-
-    def owned_rows(self, table: str) -> tuple[int, int]:
-        first = self.first_rows.get(table, 0)
-        return first, first + len(self.tables[table])
 
     def pool(self, table: str, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # The same mean TorchRec's mean-pooled EmbeddingBagCollection computes, empty bags zero.

@@ -21,6 +21,7 @@ from metrics import (
     paired_bootstrap,
     popularity_scores,
     ranks_from_top_k,
+    seen_blocks,
     seen_mask,
     target_ranks,
 )
@@ -349,11 +350,18 @@ def test_blocked_ranks_equal_the_full_matrix_ranks(block):
     expected = target_ranks(scores, targets, seen_mask(seen, lengths, items))
     rows = torch.arange(batch)
     got = blocked_target_ranks(
-        lambda a, b: scores[:, a:b], items, targets, scores[rows, targets], (seen, lengths), block=block
+        lambda a, b: scores[:, a:b],
+        items,
+        targets,
+        scores[rows, targets],
+        seen_blocks(seen, lengths, items),
+        block=block,
     )
     assert torch.equal(got, expected)
     assert torch.equal(blocked_target_ranks(lambda a, b: scores[:, a:b], items, targets, scores[rows, targets],
                                             block=block), target_ranks(scores, targets))  # fmt: skip
     counts = torch.randint(0, 4, (items,), generator=g).double()  # popularity: one row for everyone
-    shared = blocked_target_ranks(lambda a, b: counts[a:b], items, targets, counts[targets], (seen, lengths), block)
+    shared = blocked_target_ranks(
+        lambda a, b: counts[a:b], items, targets, counts[targets], seen_blocks(seen, lengths, items), block
+    )
     assert torch.equal(shared, target_ranks(counts, targets, seen_mask(seen, lengths, items)))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
-from metrics import RankingMetrics, binary_metrics, blocked_target_ranks, popularity_scores
+from metrics import RankingMetrics, binary_metrics, blocked_target_ranks, popularity_scores, seen_blocks
 from model.modeling import SequenceRecommender
 
 
@@ -64,7 +64,9 @@ class Evaluator:
             actions = batch["actions"].to(device) if "actions" in batch else None
             gaps = batch["gaps"].to(device) if "gaps" in batch else None
             hidden = model.last_hidden(forward(table[items], lengths, actions, gaps), lengths).float()
-            seen = (batch["seen_items"], batch["seen_lengths"]) if cfg.eval.filter_seen else None
+            seen = None
+            if cfg.eval.filter_seen:
+                seen = seen_blocks(batch["seen_items"].to(device), batch["seen_lengths"].to(device), len(table))
             targets = batch["target_items"].to(device)
             # The targets' scores by the same matmul the blocks use, so that ties break the same way.
             target_scores = model.scores(hidden, table[targets]).diagonal()
