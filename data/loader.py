@@ -47,6 +47,11 @@ class LoaderConfig:
     seed: int = 0
     num_workers: int = 2
     with_seen: bool = False  # also yield each user's whole history (for filtering seen items)
+    # Batch histories of similar length together: each run of shuffle_buffer samples (rounded to
+    # whole batches) is sorted by length and cut into batches, which then go out in an order drawn
+    # from (seed, epoch, run), the same on every slot. So the j-th batch of every rank holds the
+    # same length quantile of its run: ranks do about equal work per step, and none waits.
+    length_buckets: bool = False
 
     def __post_init__(self):
         if self.split not in schema.SPLITS:
@@ -198,15 +203,7 @@ class SequenceDataset(IterableDataset):
         slot = plan.slots[slot_index]
         skip = self.start_batches.get(slot_index, 0)
         counter = 0
-        batch = []
-        for sample in self._shuffled(self._slot_samples(slot), slot_index):
-            batch.append(sample)
-            if len(batch) == self.cfg.batch_size:
-                if counter >= skip:
-                    yield self._collate(batch, slot_index, counter)
-                counter += 1
-                batch = []
-        if batch:
+        for batch in self._batches(self._shuffled(self._slot_samples(slot), slot_index)):
             if counter >= skip:
                 yield self._collate(batch, slot_index, counter)
             counter += 1
@@ -216,6 +213,22 @@ class SequenceDataset(IterableDataset):
             if counter >= skip:
                 yield self._padding_batch(slot_index, counter)
             counter += 1
+
+    def _batches(self, samples):
+        """Lists of samples, ``batch_size`` each but the last: as they come, or length-bucketed.
+        Either way a slot with n samples yields ceil(n / batch_size) batches, as planned."""
+        size = self.cfg.batch_size
+        if not self.cfg.length_buckets:
+            yield from _chunks(samples, size)
+            return
+        keep = self.cfg.max_len + 1 if self.cfg.split == "train" else self.cfg.max_len
+        run_size = size * max(1, self.cfg.shuffle_buffer // size)
+        for run, group in enumerate(_chunks(samples, run_size)):
+            # Stable sort: equal lengths keep the shuffled order.
+            group.sort(key=lambda s: min(len(s[1]) + (len(s[2]) if s[3] is not None else 0), keep))
+            batches = list(_chunks(group, size))
+            random.Random(f"{self.cfg.seed}/{self.epoch}/buckets/{run}").shuffle(batches)
+            yield from batches
 
     # -- collation -------------------------------------------------------------------------
 
@@ -306,6 +319,17 @@ def shard_samples(directory: Path, entry: dict):
         raise DataError(
             f"shard {path} holds {read} samples, the manifest says {entry['samples']}: truncated or replaced"
         )
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _swap_pop(items: list, index: int):

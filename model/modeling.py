@@ -71,7 +71,9 @@ class SequenceRecommender(PreTrainedModel):
     def scores(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states (N, D) against candidate item embeddings (C, D)."""
         if self.cfg.normalize:
-            return F.normalize(hidden, dim=-1) @ F.normalize(candidates, dim=-1).T / self.cfg.temperature
+            # The temperature scales the (N, D) side, not the (N, C) product: one pass less over
+            # the biggest tensor, forward and backward.
+            return (F.normalize(hidden, dim=-1) / self.cfg.temperature) @ F.normalize(candidates, dim=-1).T
         return hidden @ candidates.T
 
     def pair_scores(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

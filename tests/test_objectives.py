@@ -11,18 +11,8 @@ from model.items import ItemCatalog
 from model.modeling import SequenceRecommender
 from train.config import LossConfig
 from train.objectives import REGISTRY, ObjectiveContext, StepBatch, StepItems, build_loss
-from train.objectives.full import full_softmax_loss
 from train.objectives.in_batch import in_batch_loss
 from train.objectives.sampled import sampled_softmax_loss
-
-
-def test_full_softmax_ignores_reserved_columns_and_zero_weights():
-    logits = torch.tensor([[5.0, 5.0, 1.0, 2.0], [9.0, 0.0, 0.0, 3.0]])
-    targets = torch.tensor([3, 2])
-    loss = full_softmax_loss(logits, targets, torch.tensor([1.0, 0.0]))
-    # Row 0 over columns 2, 3: -log(e^2 / (e^1 + e^2))
-    assert math.isclose(loss.item(), -math.log(math.e**2 / (math.e + math.e**2)), rel_tol=1e-6)
-    assert full_softmax_loss(logits, targets, torch.zeros(2)).item() == 0.0
 
 
 def test_sampled_softmax_masks_accidental_hits_and_applies_log_q():
@@ -92,7 +82,7 @@ def test_the_registry_builds_main_plus_weighted_auxiliary_objectives():
 
 
 def test_sampled_negatives_come_from_trained_items_and_are_looked_up_with_the_batch():
-    ctx = _context(LossConfig(main="sampled", num_negatives=200, negative_sampler="popularity"))
+    ctx = _context(LossConfig(main="sampled", num_negatives=200, negative_sampler="popularity", in_batch_negatives=0))
     loss_fn = build_loss(ctx)
     assert not loss_fn.needs_all_items
     torch.manual_seed(0)
@@ -143,3 +133,45 @@ def test_bce_is_sasrecs_binary_cross_entropy_with_one_negative_per_position():
     loss = loss_fn(step, hidden, StepItems(torch.randn(len(ids), 8), ids), [negatives])
     loss.backward()
     assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0
+
+
+def test_mixed_negatives_add_the_steps_own_targets_with_their_expected_count_in_log_q():
+    ctx = _context(LossConfig(main="sampled", num_negatives=50, in_batch_negatives=30))
+    objective = REGISTRY["sampled"](ctx)
+    step = _step()
+    torch.manual_seed(0)
+    drawn = objective.sample(step)
+    assert drawn.shape == (80,) and set(drawn[50:].tolist()) <= set(step.targets.tolist())
+    # Expected count of candidate i: 30 x (its share of the 6 targets) + 50 x q(i), q uniform over
+    # the 9 trained items (2..11 but 5).
+    candidates = torch.tensor([2, 7, step.targets[0].item()])
+    share = torch.tensor([(step.targets == c).sum().item() / 6 for c in candidates.tolist()])
+    expected = 30 * share + 50 / 9
+    torch.testing.assert_close(objective.log_expected_counts(step, candidates), torch.log(expected))
+    hidden = torch.randn(6, 8, requires_grad=True)
+    ids = torch.unique(torch.cat([step.inputs.reshape(-1), step.targets, drawn]))
+    loss = objective(step, hidden, StepItems(torch.randn(len(ids), 8), ids), drawn)
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0
+    # in_batch_negatives=0: the proposal's draws alone, corrected by M q(i).
+    plain = REGISTRY["sampled"](_context(LossConfig(main="sampled", num_negatives=50, in_batch_negatives=0)))
+    assert plain.sample(step).shape == (50,)
+    torch.testing.assert_close(plain.log_expected_counts(step, candidates), torch.log(torch.full((3,), 50 / 9)))
+
+
+@pytest.mark.parametrize(
+    ("items", "world", "sharding", "expected"),
+    [
+        (3_418, 2, "row_wise", "full"),
+        (100_000, 1, "row_wise", "full"),
+        (100_000, 2, "row_wise", "full_sharded"),
+        (100_000, 2, "column_wise", "full"),
+        (1_048_576, 2, "row_wise", "full_sharded"),
+        (10_000_000, 2, "row_wise", "sampled"),
+    ],
+)
+def test_auto_objective_follows_the_catalog_size(items, world, sharding, expected):
+    from train.objectives import choose_main
+
+    assert choose_main(LossConfig(), items, world, sharding) == expected
+    assert choose_main(LossConfig(main="bce"), items, world, sharding) == "bce"

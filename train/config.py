@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_buffer: int = 2048
+    length_buckets: bool = True  # batch histories of similar length together (less padding; data.loader)
 
     def __post_init__(self):
         if not self.shards:
@@ -81,6 +82,7 @@ class ParallelConfig:
     zero_stage: int = 2
     precision: str = "fp32"
     sharding: str = "row_wise"  # how TorchRec shards the item table
+    compile: bool = False  # torch.compile the dense model's decoder blocks (train.compile)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -161,9 +163,13 @@ class LossConfig:
 
     __pydantic_config__ = _STRICT_FIELDS
 
-    main: str = "full"
+    # auto: full up to 65,535 items, full_sharded (on 2+ ranks) up to full_softmax_max_items,
+    # sampled with mixed negatives above (train.objectives.choose_main).
+    main: str = "auto"
     auxiliary: dict[str, float] = field(default_factory=dict)  # e.g. {action: 0.5}
-    num_negatives: int = 1024  # sampled: negatives shared by a step's positions
+    num_negatives: int = 1024  # sampled: negatives from the proposal, shared by a step's positions
+    in_batch_negatives: int = 1024  # sampled: also this many of the step's own targets (0: none)
+    full_softmax_max_items: int = 1_048_576  # auto: above this many items, sampled softmax
     negative_sampler: str = "uniform"  # sampled, bce: uniform over the trained items, or popularity (count + 1)
     positive_action_min: float = 4.0  # action: a raw action value >= this is positive (a rating of 4 or 5, say)
     score_block_rows: int = 8192  # full_sharded: item rows scored at a time (memory: 4 B x all positions x this)
@@ -172,8 +178,8 @@ class LossConfig:
         from train.objectives import REGISTRY
 
         main = REGISTRY.get(self.main)
-        if main is None or not main.predicts_next_item:
-            names = sorted(n for n, o in REGISTRY.items() if o.predicts_next_item)
+        if self.main != "auto" and (main is None or not main.predicts_next_item):
+            names = ["auto", *sorted(n for n, o in REGISTRY.items() if o.predicts_next_item)]
             raise ConfigError(f"loss.main must be a next-item objective, one of {names}, got {self.main!r}")
         for name, weight in self.auxiliary.items():
             if name not in REGISTRY or name == self.main:
@@ -187,8 +193,10 @@ class LossConfig:
             raise ConfigError(
                 f"loss.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
             )
-        if self.num_negatives < 1:
-            raise ConfigError("loss.num_negatives must be >= 1")
+        if self.num_negatives < 1 or self.in_batch_negatives < 0 or self.full_softmax_max_items < 1:
+            raise ConfigError(
+                "loss.num_negatives and loss.full_softmax_max_items must be >= 1, loss.in_batch_negatives >= 0"
+            )
         if self.score_block_rows < 1:
             raise ConfigError("loss.score_block_rows must be >= 1")
 

@@ -51,6 +51,7 @@ class Evaluator:
                 max_len=cfg.model.max_len,
                 num_workers=cfg.data.num_workers,
                 with_seen=cfg.eval.filter_seen,
+                length_buckets=cfg.data.length_buckets,
             ),
             self.rank,
             self.world_size,

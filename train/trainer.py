@@ -20,12 +20,13 @@ from model.config import RecommenderConfig
 from model.items import RESERVED, TOKEN_TABLE, item_tables
 from model.modeling import SequenceRecommender
 from train.checkpoint import CheckpointManager, DataPosition, DenseState, Preemption, TableState, checkpoint_name
+from train.compile import compile_dense_blocks
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
 from train.evaluate import Evaluator, metrics_table
 from train.items import load_catalog, model_vocab, positive_actions
-from train.objectives import ObjectiveContext, StepBatch, StepItems, build_loss
+from train.objectives import ObjectiveContext, StepBatch, StepItems, build_loss, choose_main
 from train.policy import Decision, StepPolicy, StepSignals, TrainState
 from train.pretrained import init_model
 from train.saved_model import TrainedModel, write_saved_model
@@ -79,6 +80,10 @@ class Trainer:
         text = manifest.get("text") if cfg.model.uses_text else None
         self.model_config = RecommenderConfig.build(cfg.model, model_vocab(manifest, cfg.model), text)
         self.num_items = self.model_config.num_items
+        if cfg.loss.main == "auto":
+            # Resolved once, here, so that checkpoints and metrics record the objective that ran.
+            cfg.loss.main = choose_main(cfg.loss, self.num_items, env.world_size, cfg.parallel.sharding)
+            self.log(f"loss.main auto: {cfg.loss.main} ({self.num_items:,} items, {env.world_size} ranks)")
         self.catalog = load_catalog(cfg.data.shards, self.num_items, with_text=cfg.model.uses_text)
         self.tables = ItemEmbeddings(
             item_tables(self.model_config),
@@ -92,6 +97,10 @@ class Trainer:
         model = SequenceRecommender(self.model_config)
         if pretrained is not None:
             init_model(model, self.tables, pretrained, self.log)
+        if cfg.parallel.compile:
+            compiled = compile_dense_blocks(model.backbone, self.log)
+            if compiled:
+                self.log(f"parallel.compile: {compiled} decoder blocks compiled (the first steps include compilation)")
         self.train_data, self.train_loader = make_loader(
             cfg.data.shards,
             LoaderConfig(
@@ -102,6 +111,7 @@ class Trainer:
                 num_workers=cfg.data.num_workers,
                 shuffle=cfg.data.shuffle,
                 shuffle_buffer=cfg.data.shuffle_buffer,
+                length_buckets=cfg.data.length_buckets,
             ),
             env.rank,
             env.world_size,
@@ -175,7 +185,7 @@ class Trainer:
         """What the data position depends on: with any of it changed, the saved position means
         nothing and the data restarts at an epoch boundary."""
         data, model = self.cfg.data, self.cfg.model
-        return {
+        signature = {
             "world_size": self.env.world_size,
             "batch_size": data.batch_size,
             "num_workers": data.num_workers,
@@ -185,6 +195,9 @@ class Trainer:
             "max_len": model.max_len,
             "steps_per_epoch": self.steps_per_epoch,
         }
+        if data.length_buckets:  # absent from checkpoints written before bucketing existed
+            signature["length_buckets"] = True
+        return signature
 
     def log(self, message: str) -> None:
         if self.env.is_main:

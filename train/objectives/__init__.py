@@ -16,6 +16,24 @@ REGISTRY: dict[str, type[Objective]] = {
 }
 
 
+# loss.main=auto: the full softmax while the catalog is small, the sharded one while each rank's
+# share of it is, sampled softmax beyond (loss.full_softmax_max_items). The one-process full
+# softmax wins below 65,536 items: the sharded one gathers every rank's positions
+# (benchmarks/sharded_softmax.py: full_sharded is 0.7x full's step time at 10^5 items).
+SHARDED_FROM_ITEMS = 65_536
+
+
+def choose_main(cfg, num_items: int, world_size: int, sharding: str) -> str:
+    """The next-item objective ``loss.main=auto`` stands for with ``num_items`` items."""
+    if cfg.main != "auto":
+        return cfg.main
+    if num_items > cfg.full_softmax_max_items:
+        return "sampled"
+    if num_items >= SHARDED_FROM_ITEMS and world_size > 1 and sharding != "column_wise":
+        return "full_sharded"
+    return "full"
+
+
 def build_loss(ctx: ObjectiveContext) -> WeightedObjectives:
     """The main objective (weight 1) followed by the auxiliary ones, as configured."""
     cfg = ctx.cfg
@@ -24,4 +42,13 @@ def build_loss(ctx: ObjectiveContext) -> WeightedObjectives:
     return WeightedObjectives(terms)
 
 
-__all__ = ["REGISTRY", "Objective", "ObjectiveContext", "StepBatch", "StepItems", "WeightedObjectives", "build_loss"]
+__all__ = [
+    "REGISTRY",
+    "choose_main",
+    "Objective",
+    "ObjectiveContext",
+    "StepBatch",
+    "StepItems",
+    "WeightedObjectives",
+    "build_loss",
+]

@@ -1,5 +1,9 @@
 """``full``: softmax over the whole catalog. Cheap for up to a few hundred thousand items, and
-known to beat sampled losses there; the candidates are the items with training events."""
+known to beat sampled losses there; the candidates are the items with training events.
+
+Only the candidates' rows are scored (targets renumbered into them), rather than scoring every
+row and masking the others with -inf: the logits are the biggest tensor of a step, and the clone
+and masked writes cost two more passes over it (8 % of an ML-1M step)."""
 
 from __future__ import annotations
 
@@ -10,30 +14,20 @@ from model.items import RESERVED
 from train.objectives.base import Objective, StepBatch, StepItems, weighted_mean
 
 
-def full_softmax_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-    total=None,
-    candidates: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``logits`` (N, V) over the whole catalog, column = item index; ``candidates`` (V, bool)
-    limits the softmax to those items."""
-    logits = logits.clone()
-    logits[:, :RESERVED] = float("-inf")
-    if candidates is not None:
-        logits[:, ~candidates] = float("-inf")
-    return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weights, total)
-
-
 class FullSoftmax(Objective):
     name = "full"
     needs_all_items = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.candidates = ctx.catalog.has_id.to(ctx.device)
+        candidates = ctx.catalog.has_id.clone()
+        candidates[:RESERVED] = False
+        self.candidate_ids = candidates.nonzero().squeeze(1).to(ctx.device)
+        # Training targets always have training events, so every target has a column.
+        self.column = torch.full((ctx.num_items,), -1, dtype=torch.long, device=ctx.device)
+        self.column[self.candidate_ids] = torch.arange(len(self.candidate_ids), device=ctx.device)
 
     def __call__(self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled) -> torch.Tensor:
-        logits = self.ctx.model.scores(hidden, items.table)
-        return full_softmax_loss(logits, step.targets, step.weights, step.total, self.candidates)
+        logits = self.ctx.model.scores(hidden, items.table[self.candidate_ids])
+        losses = F.cross_entropy(logits, self.column[step.targets], reduction="none")
+        return weighted_mean(losses, step.weights, step.total)

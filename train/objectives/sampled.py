@@ -1,6 +1,14 @@
-"""``sampled``: the target against ``loss.num_negatives`` negatives shared by the step's
-positions, drawn from a proposal over the trained items, with logits corrected by the proposal's
-log-probability (logQ) and accidental hits masked. Its cost does not grow with the catalog."""
+"""``sampled``: the target against negatives shared by the step's positions, with logits
+corrected by each candidate's expected count in the draw (logQ) and accidental hits masked. Its
+cost does not grow with the catalog.
+
+Negatives are mixed (Yang et al., "Mixed Negative Sampling", 2020): ``loss.num_negatives`` from
+a proposal over the trained items (uniform or popularity) plus ``loss.in_batch_negatives`` of
+the step's own targets, drawn with replacement. In-batch ones are popular items, the hard
+negatives a uniform draw over a large catalog almost never contains; uniform ones cover the
+tail. The correction uses the mixture's expected count, K c_i / N + M q_i (c_i: occurrences of
+item i among the step's N targets; q: the proposal), for every candidate and the positive alike.
+"""
 
 from __future__ import annotations
 
@@ -34,16 +42,30 @@ class SampledSoftmax(Objective):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.proposal = ctx.trained_items_proposal(ctx.cfg.negative_sampler)
-        self.log_q = torch.log(self.proposal.to(ctx.device) * ctx.cfg.num_negatives)
+        self.expected_proposal = self.proposal.to(ctx.device) * ctx.cfg.num_negatives
 
     def sample(self, step: StepBatch) -> torch.Tensor:
-        return torch.multinomial(self.proposal, self.ctx.cfg.num_negatives, replacement=True).to(self.ctx.device)
+        drawn = torch.multinomial(self.proposal, self.ctx.cfg.num_negatives, replacement=True).to(self.ctx.device)
+        in_batch = self.ctx.cfg.in_batch_negatives
+        if not in_batch or not len(step.targets):
+            return drawn
+        picks = torch.randint(len(step.targets), (in_batch,), device=step.targets.device)
+        return torch.cat([drawn, step.targets[picks]])
+
+    def log_expected_counts(self, step: StepBatch, candidates: torch.Tensor) -> torch.Tensor:
+        expected = self.expected_proposal[candidates]
+        in_batch = self.ctx.cfg.in_batch_negatives
+        if in_batch and len(step.targets):
+            ordered = torch.sort(step.targets).values
+            occurrences = torch.searchsorted(ordered, candidates, right=True) - torch.searchsorted(ordered, candidates)
+            expected = expected + in_batch * occurrences / len(step.targets)
+        return torch.log(expected)
 
     def __call__(self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled: torch.Tensor) -> torch.Tensor:
         model, targets = self.ctx.model, step.targets
         positive = model.pair_scores(hidden, items(targets))
         negative = model.scores(hidden, items(sampled))
-        log_q = self.log_q
         return sampled_softmax_loss(
-            positive, negative, targets, sampled, log_q[targets], log_q[sampled], step.weights, step.total
-        )
+            positive, negative, targets, sampled, self.log_expected_counts(step, targets),
+            self.log_expected_counts(step, sampled), step.weights, step.total,
+        )  # fmt: skip
