@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 # full's logits alone are positions x rows x 4 bytes per rank (x3 with the softmax's copies):
 # beyond a few 10^5 rows it does not fit this box's 24 GiB on 2 ranks.
+# sampled (what loss.main=auto picks above 2^20 items): 1,024 uniform + 1,024 in-batch negatives.
 CASES = [("full", 100_000), ("full", 300_000), ("full_sharded", 100_000), ("full_sharded", 300_000),
-         ("full_sharded", 1_000_000), ("full_sharded", 10_000_000)]  # fmt: skip
+         ("full_sharded", 1_000_000), ("full_sharded", 10_000_000), ("sampled", 1_000_000),
+         ("sampled", 10_000_000), ("sampled", 30_000_000)]  # fmt: skip
 
 
 def _rss_bytes() -> int:
@@ -90,17 +92,22 @@ def _rank(rank: int, objective: str, rows: int, positions: int, dim: int, port: 
         dist.barrier()
         started = time.perf_counter()
         h = hidden.clone().requires_grad_()
-        ids = torch.arange(rows) if loss_fn.needs_all_items else torch.unique(targets)
+        sampled = loss_fn.sample(step)
+        ids = (
+            torch.arange(rows)
+            if loss_fn.needs_all_items
+            else torch.unique(torch.cat([targets, *[sampled][: sampled is not None]]))
+        )
         items = StepItems(tables.lookup(ID_TABLE, ids), None if loss_fn.needs_all_items else ids)
-        loss_fn(step, h, items, None).backward()
+        loss_fn(step, h, items, sampled).backward()
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     owned = tables.owned_rows(ID_TABLE)
-    scored_rows = rows if objective == "full" else owned[1] - owned[0]
-    scored_positions = positions if objective == "full" else 2 * positions
-    # full: one (positions x rows) matmul forward, two backward. full_sharded: one forward, the
-    # block's recomputation and two products backward.
-    matmuls = 3 if objective == "full" else 4
+    scored_rows = {"full": rows, "full_sharded": owned[1] - owned[0]}.get(objective, len(sampled))
+    scored_positions = 2 * positions if objective == "full_sharded" else positions
+    # full, sampled: one (positions x rows) matmul forward, two backward. full_sharded: one
+    # forward, the block's recomputation and two products backward.
+    matmuls = 4 if objective == "full_sharded" else 3
     flops = matmuls * 2 * scored_positions * scored_rows * dim
     peak_flops = _matmul_peak(scored_positions, dim, min(scored_rows, 8192))
     result = {

@@ -66,7 +66,9 @@ class SequenceRecommender(PreTrainedModel):
         # No padding mask on purpose: histories are right-padded, so under causal attention a real
         # position only ever sees real positions. Without a mask the backbone keeps the fused
         # causal attention kernel instead of materialising a (B, T, T) mask (about 3x faster here).
-        return self.backbone(inputs_embeds=tokens).last_hidden_state
+        # use_cache=False: the key/value cache would be filled and thrown away (and, a Python
+        # object per layer, it makes torch.compile recompile every block).
+        return self.backbone(inputs_embeds=tokens, use_cache=False).last_hidden_state
 
     def scores(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states (N, D) against candidate item embeddings (C, D)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -286,7 +288,12 @@ class Trainer:
         tokens = self.tables.full(TOKEN_TABLE) if self.cfg.model.item_text_tokens else None
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):
-            dense = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+            # A copy on the writing rank only: at 10^9 parameters another rank's copy is 4 GB.
+            dense = (
+                {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+                if self.env.is_main
+                else None
+            )
         if self.env.is_main:
             write_saved_model(directory, self.model_config, dense, lambda a, b: table[a:b], tokens, training)
 
@@ -304,6 +311,13 @@ class Trainer:
         self.losses.start_at(self.state.step)
         with self.preemption:
             finished = self._train_loop()
+        # The training phase's memory: its high-water mark (Linux: KiB; it includes building the
+        # whole dense model on every rank before DeepSpeed partitions it) and what the rank holds
+        # once trained, before the final evaluation and the saved model.
+        self.rss_bytes = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            psutil.Process().memory_info().rss,
+        )
         if not finished:
             self.telemetry.close()
             return {"preempted": True, "steps": self.state.step}
@@ -381,7 +395,15 @@ class Trainer:
         self.telemetry.evaluation(result)
         ndcg = result["model"]["NDCG@10"]
         train_loss = state.loss_sum / state.loss_steps if state.loss_steps else None
-        state.history.append({"epoch": epoch, "step": state.step, "train_loss": train_loss, "valid": result})
+        state.history.append(
+            {
+                "epoch": epoch,
+                "step": state.step,
+                "training_seconds": round(state.training_seconds, 1),
+                "train_loss": train_loss,
+                "valid": result,
+            }
+        )
         state.loss_sum, state.loss_steps = 0.0, 0
         state.evaluated_step = state.step
         self.log(
@@ -415,9 +437,16 @@ class Trainer:
         self.telemetry.evaluation(test)
         training = {"config": cfg.to_dict(), "step": state.step, "best_valid_ndcg10": state.best_ndcg, "test": test}
         self.save_model(self.out / "best", training)
+        memory = torch.zeros(self.env.world_size, 2, dtype=torch.float64, device=self.env.device)
+        memory[self.env.rank] = torch.tensor(self.rss_bytes, dtype=torch.float64)
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(memory)
+        peak_mib, held_mib = (memory / 2**20).round().long().T.tolist()
         summary = {
             "config": cfg.to_dict(),
             "world_size": self.env.world_size,
+            "training_peak_rss_mib_per_rank": peak_mib,
+            "trained_rss_mib_per_rank": held_mib,
             "steps": state.step,
             "train_seconds": round(state.elapsed_seconds, 1),
             "tokens_per_s": round(state.tokens * self.env.world_size / max(state.training_seconds, 1e-9)),

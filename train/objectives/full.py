@@ -3,7 +3,9 @@ known to beat sampled losses there; the candidates are the items with training e
 
 Only the candidates' rows are scored (targets renumbered into them), rather than scoring every
 row and masking the others with -inf: the logits are the biggest tensor of a step, and the clone
-and masked writes cost two more passes over it (8 % of an ML-1M step)."""
+and the masked writes (with their backward) cost more passes over it. Together with the
+temperature moved to the hidden side (model.scores) this took 40 ML-1M steps on 2 ranks from
+28.8 s to 18.9 s."""
 
 from __future__ import annotations
 
