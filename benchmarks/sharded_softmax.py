@@ -103,7 +103,7 @@ def _rank(rank: int, objective: str, rows: int, positions: int, dim: int, port: 
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     owned = tables.owned_rows(ID_TABLE)
-    scored_rows = {"full": rows, "full_sharded": owned[1] - owned[0]}.get(objective, len(sampled))
+    scored_rows = {"full": rows, "full_sharded": owned[1] - owned[0]}.get(objective) or len(sampled)
     scored_positions = 2 * positions if objective == "full_sharded" else positions
     # full, sampled: one (positions x rows) matmul forward, two backward. full_sharded: one
     # forward, the block's recomputation and two products backward.

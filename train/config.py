@@ -83,6 +83,11 @@ class ParallelConfig:
     precision: str = "fp32"
     sharding: str = "row_wise"  # how TorchRec shards the item table
     compile: bool = False  # torch.compile the dense model's decoder blocks (train.compile)
+    # DeepSpeed's gradient-reduce and all-gather buckets, and ZeRO-3's prefetch and live-parameter
+    # limits, in elements. DeepSpeed's defaults (5e8 / 1e9) hold several GB of fp32 buffers per rank:
+    # with them a 3.5e8-parameter model used more memory under ZeRO-2 than under ZeRO-0 and was
+    # killed under ZeRO-3 on this 24 GiB machine (benchmarks/zero_memory.py).
+    bucket_elements: int = 50_000_000
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -91,6 +96,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.sharding not in SHARDING_TYPES:
             raise ConfigError(f"parallel.sharding must be one of {SHARDING_TYPES}, got {self.sharding!r}")
+        if self.bucket_elements < 1:
+            raise ConfigError("parallel.bucket_elements must be >= 1")
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ConfigError("parallel.precision bf16 needs zero_stage >= 1 (stage 0 keeps no fp32 master weights)")
 
@@ -163,7 +170,7 @@ class LossConfig:
 
     __pydantic_config__ = _STRICT_FIELDS
 
-    # auto: full up to 65,535 items, full_sharded (on 2+ ranks) up to full_softmax_max_items,
+    # auto: full up to 131,071 items, full_sharded (on 2+ ranks) up to full_softmax_max_items,
     # sampled with mixed negatives above (train.objectives.choose_main).
     main: str = "auto"
     auxiliary: dict[str, float] = field(default_factory=dict)  # e.g. {action: 0.5}
@@ -240,7 +247,14 @@ class Config:
             "train_micro_batch_size_per_gpu": self.data.batch_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.optim.grad_clip,
-            "zero_optimization": {"stage": self.parallel.zero_stage},
+            "zero_optimization": {
+                "stage": self.parallel.zero_stage,
+                "reduce_bucket_size": self.parallel.bucket_elements,
+                "allgather_bucket_size": self.parallel.bucket_elements,
+                "stage3_prefetch_bucket_size": self.parallel.bucket_elements,
+                "stage3_max_live_parameters": 2 * self.parallel.bucket_elements,
+                "stage3_max_reuse_distance": 2 * self.parallel.bucket_elements,
+            },
             "bf16": {"enabled": self.parallel.precision == "bf16"},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,

@@ -18,9 +18,10 @@ REGISTRY: dict[str, type[Objective]] = {
 
 # loss.main=auto: the full softmax while the catalog is small, the sharded one while each rank's
 # share of it is, sampled softmax beyond (loss.full_softmax_max_items). The one-process full
-# softmax wins below 65,536 items: the sharded one gathers every rank's positions
-# (benchmarks/sharded_softmax.py: full_sharded is 0.7x full's step time at 10^5 items).
-SHARDED_FROM_ITEMS = 65_536
+# softmax is faster below about 2^17 items on 2 ranks (benchmarks/sharded_softmax.py: at 10^5
+# items full_sharded takes 1.12x full's step time, at 3 x 10^5 0.51x, with 0.26x and 0.11x its
+# memory).
+SHARDED_FROM_ITEMS = 131_072
 
 
 def choose_main(cfg, num_items: int, world_size: int, sharding: str) -> str:
