@@ -48,6 +48,7 @@ bench: install
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/text.py
 	$(PY) benchmarks/sharded_softmax.py
+	$(PY) benchmarks/zero_memory.py
 
 lint: install
 	$(VENV)/bin/ruff check .
