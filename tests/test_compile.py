@@ -18,7 +18,7 @@ def test_compiled_blocks_match_eager_forward_and_backward_across_lengths():
     eager = SequenceRecommender(RecommenderConfig.build(cfg, {"items": 50, "actions": 3, "gaps": 4}))
     compiled = copy.deepcopy(eager)
     messages = []
-    assert compile_dense_blocks(compiled.backbone, messages.append) == 2, messages
+    assert compile_dense_blocks(compiled.backbone, messages.append, torch.device("cpu")) == 2, messages
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(Path(sys.prefix) / "torchinductor_cache")
     assert len(decoder_blocks(eager.backbone)) == 2
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints do not see the flag
@@ -39,3 +39,20 @@ def test_compiled_blocks_match_eager_forward_and_backward_across_lengths():
         assert g_compiled.keys() == g_eager.keys()
         for name, grad in g_eager.items():
             torch.testing.assert_close(g_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_without_a_compiler_the_run_says_why_and_stays_eager(monkeypatch):
+    import train.compile
+
+    monkeypatch.setattr(train.compile, "compile_unavailable", lambda device: "CalledProcessError: no c++")
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=8, dropout=0.0)
+    model = SequenceRecommender(RecommenderConfig.build(cfg, {"items": 10, "actions": 0, "gaps": 0}))
+    messages = []
+    assert compile_dense_blocks(model.backbone, messages.append, torch.device("cpu")) == 0
+    assert messages == [
+        "parallel.compile: torch.compile is unavailable here (CalledProcessError: no c++); training eagerly"
+    ]
+    assert all(
+        not hasattr(block, "_compiled_call_impl") or block._compiled_call_impl is None
+        for block in decoder_blocks(model.backbone)
+    )

@@ -24,19 +24,20 @@ def decoder_blocks(backbone: nn.Module) -> list[nn.Module]:
     return [m for m in backbone.modules() if type(m).__name__ in names]
 
 
-def compile_unavailable() -> str | None:
-    """Why torch.compile cannot run here (no C++ compiler for CPU inductor, no Triton for CUDA),
-    found by compiling a one-line function; None when it can."""
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on ``device`` (no C++ compiler for CPU inductor, no Triton for
+    CUDA), found by compiling a one-line function; None when it can."""
     try:
-        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4))
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4, device=device))
     except Exception as e:  # whatever inductor's toolchain raises, the run continues eagerly
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
 
 
-def compile_dense_blocks(backbone: nn.Module, log) -> int:
-    """Compiles each decoder block of ``backbone`` in place; the number compiled (0: eager,
-    with the reason logged)."""
+def compile_dense_blocks(backbone: nn.Module, log, device: torch.device) -> int:
+    """Compiles each decoder block of ``backbone`` for training on ``device`` (the model moves
+    there later, in deepspeed.initialize), in place; the number compiled (0: eager, with the
+    reason logged)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # Importing inductor already wrote its default (a temp dir) into the environment; a directory
@@ -47,7 +48,7 @@ def compile_dense_blocks(backbone: nn.Module, log) -> int:
     if not blocks:
         log(f"parallel.compile: {type(backbone).__name__} declares no decoder blocks; training eagerly")
         return 0
-    reason = compile_unavailable()
+    reason = compile_unavailable(device)
     if reason is not None:
         log(f"parallel.compile: torch.compile is unavailable here ({reason}); training eagerly")
         return 0
