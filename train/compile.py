@@ -54,4 +54,5 @@ def compile_dense_blocks(backbone: nn.Module, log, device: torch.device) -> int:
         return 0
     for block in blocks:
         block.compile(dynamic=True)
+    log(f"parallel.compile: {len(blocks)} decoder blocks compiled (the first steps include compilation)")
     return len(blocks)

@@ -100,9 +100,7 @@ class Trainer:
         if pretrained is not None:
             init_model(model, self.tables, pretrained, self.log)
         if cfg.parallel.compile:
-            compiled = compile_dense_blocks(model.backbone, self.log, env.device)
-            if compiled:
-                self.log(f"parallel.compile: {compiled} decoder blocks compiled (the first steps include compilation)")
+            compile_dense_blocks(model.backbone, self.log, env.device)
         self.train_data, self.train_loader = make_loader(
             cfg.data.shards,
             LoaderConfig(

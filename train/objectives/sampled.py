@@ -72,7 +72,9 @@ class SampledSoftmax(Objective):
         model, targets = self.ctx.model, step.targets
         positive = model.pair_scores(hidden, items(targets))
         negative = model.scores(hidden, items(sampled))
+        # One pass over the step's targets for the positives' and the negatives' corrections.
+        log_q = self.log_expected_counts(step, torch.cat([targets, sampled]))
         return sampled_softmax_loss(
-            positive, negative, targets, sampled, self.log_expected_counts(step, targets),
-            self.log_expected_counts(step, sampled), step.weights, step.total,
+            positive, negative, targets, sampled, log_q[: len(targets)], log_q[len(targets) :], step.weights,
+            step.total,
         )  # fmt: skip
