@@ -88,6 +88,7 @@ def blocked_target_ranks(
     exclude_block=None,
     block: int = 65536,
     reserved: int = 2,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`target_ranks` without the ``[B, V]`` score matrix: ``score_block(start, stop)``
     gives the users' scores of items ``[start, stop)`` (``[B, stop - start]``, or 1-D when every
@@ -95,7 +96,8 @@ def blocked_target_ranks(
     catalog. ``target_scores`` ``[B]`` are the targets' own scores, computed the way the blocks
     are (the same ties then break the same way); ``exclude_block(start, stop)``, where given,
     gives the ``[B, stop - start]`` items to exclude (:func:`seen_blocks`). :func:`target_ranks`
-    is this with one block."""
+    is this with one block. ``span``: count only items ``[start, stop)``; the counts of disjoint
+    row ranges add up to the rank over all of them (how ranks split the catalog)."""
     batch = targets.shape[0]
     device = target_scores.device
     targets = targets.to(device=device, dtype=torch.int64)
@@ -106,8 +108,9 @@ def blocked_target_ranks(
     target_scores = target_scores.nan_to_num(nan=-math.inf).unsqueeze(1)
     rows = torch.arange(batch, device=device)
     ranks = torch.zeros(batch, dtype=torch.int64, device=device)
-    for start in range(0, num_items, block):
-        stop = min(start + block, num_items)
+    first, last = span or (0, num_items)
+    for start in range(first, last, block):
+        stop = min(start + block, last)
         scores = score_block(start, stop)
         if not scores.is_floating_point():
             scores = scores.double()

@@ -99,6 +99,7 @@ def test_evaluation_in_item_blocks_gives_the_same_figures(shards):
     model = trained.model()
     counts = load_counts(str(shards), trained.num_items)
     positive = positive_actions(str(shards), trained.config.num_actions, cfg.loss.positive_action_min)
-    result = Evaluator(str(shards), cfg, counts, positive)(model, model, trained.table(), "test")
+    table = trained.table()
+    result = Evaluator(str(shards), cfg, counts, positive)(model, model, table.__getitem__, "test")
     for key, value in EXPECTED["saved_model_test"].items():
         assert result["model"][key] == pytest.approx(value, abs=1e-9), key

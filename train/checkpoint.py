@@ -192,10 +192,12 @@ class _RowBlockPlanner(DefaultLoadPlanner):
 
 
 def read_table_rows(checkpoint: Path, table: str = ID_TABLE, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows [start, stop) of one of a checkpoint's tables, reading only the blocks that hold them."""
+    """Rows [start, stop) of one of a checkpoint's tables, reading only the blocks that hold them,
+    in the dtype they were trained in (parallel.table_dtype)."""
     reader = dcp.FileSystemReader(str(Path(checkpoint) / SPARSE))
-    size = reader.read_metadata().state_dict_metadata[table].size
-    out = torch.empty((size[0] if stop is None else stop) - start, *size[1:])
+    saved = reader.read_metadata().state_dict_metadata[table]
+    size = saved.size
+    out = torch.empty((size[0] if stop is None else stop) - start, *size[1:], dtype=saved.properties.dtype)
     dcp.load({table: out}, storage_reader=reader, planner=_RowBlockPlanner(table, start, out), no_dist=True)
     return out
 

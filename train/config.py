@@ -18,6 +18,7 @@ from model.config import RETIRED_FIELDS, ModelConfig
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 PRECISIONS = ("fp32", "bf16")
+TABLE_DTYPES = ("fp32", "fp16")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,10 @@ class ParallelConfig:
     zero_stage: int = 2
     precision: str = "fp32"
     sharding: str = "row_wise"  # how TorchRec shards the item table
+    # The item tables' weights. fp16 halves them (a 10^8 x 64 table: 12.8 GB instead of 25.6);
+    # the fused optimizer updates them in place and keeps its row-wise Adagrad state in fp32, and
+    # checkpoints and consolidated models store them as they are.
+    table_dtype: str = "fp32"
     compile: bool = False  # torch.compile the dense model's decoder blocks (train.compile)
     # DeepSpeed's gradient-reduce and all-gather buckets, and ZeRO-3's prefetch and live-parameter
     # limits, in elements. DeepSpeed's defaults (5e8 / 1e9) hold several GB of fp32 buffers per rank:
@@ -96,6 +101,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.sharding not in SHARDING_TYPES:
             raise ConfigError(f"parallel.sharding must be one of {SHARDING_TYPES}, got {self.sharding!r}")
+        if self.table_dtype not in TABLE_DTYPES:
+            raise ConfigError(f"parallel.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
         if self.bucket_elements < 1:
             raise ConfigError("parallel.bucket_elements must be >= 1")
         if self.precision == "bf16" and self.zero_stage == 0:
@@ -128,12 +135,17 @@ class EvalConfig:
     filter_seen: bool = True
     bootstrap_samples: int = 1000
     score_block_rows: int = 65536  # items scored at a time against a batch of users (memory: batch x this)
+    # Evaluate a fixed sample of this fraction of the users (by a hash of the user index: the same
+    # users at any world size); at 10^8 items each user costs 1.3e10 FLOPs at hidden 64.
+    user_fraction: float = 1.0
 
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1 or self.bootstrap_samples < 1:
             raise ConfigError("eval.ks must be a non-empty list of cut-offs >= 1, eval.bootstrap_samples >= 1")
         if self.score_block_rows < 1:
             raise ConfigError("eval.score_block_rows must be >= 1")
+        if not 0 < self.user_fraction <= 1:
+            raise ConfigError(f"eval.user_fraction must be in (0, 1], got {self.user_fraction}")
 
 
 @dataclass

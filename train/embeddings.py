@@ -22,7 +22,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import LazyAwaitable, ShardingType
-from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_configs import DataType, PoolingType
 
 from model.items import TableSpec
 from train.distributed import ComputeEnv
@@ -37,6 +37,7 @@ _OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
     "sgd": EmbOptimType.EXACT_SGD,
 }
+_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 INIT_STD = 0.02
 
 
@@ -56,12 +57,29 @@ class ItemEmbeddings:
     """The sharded tables. ``lookup`` and ``pool`` implement model.items.ItemTables; both are
     collective (every rank calls them, with its own indices)."""
 
-    def __init__(self, tables: list[TableSpec], env: ComputeEnv, sharding: str, optimizer: str, lr: float, seed: int):
+    def __init__(
+        self,
+        tables: list[TableSpec],
+        env: ComputeEnv,
+        sharding: str,
+        optimizer: str,
+        lr: float,
+        seed: int,
+        dtype: str = "fp32",
+    ):
         self.specs = {t.name: t for t in tables}
         self.env = env
         meta = torch.device("meta")
+        # Lookups return fp32 whatever the weights' dtype (TorchRec's default output type).
+        data_type = _DATA_TYPES[dtype]
         rows = [
-            EmbeddingConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim, feature_names=[_feature(t.name)])
+            EmbeddingConfig(
+                name=t.name,
+                num_embeddings=t.rows,
+                embedding_dim=t.dim,
+                feature_names=[_feature(t.name)],
+                data_type=data_type,
+            )
             for t in tables
             if not t.pooled
         ]
@@ -72,6 +90,7 @@ class ItemEmbeddings:
                 embedding_dim=t.dim,
                 feature_names=[_feature(t.name)],
                 pooling=PoolingType.MEAN,
+                data_type=data_type,
             )
             for t in tables
             if t.pooled

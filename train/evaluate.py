@@ -1,9 +1,19 @@
 """Full-ranking evaluation, shared by the Trainer and ``lmrec eval``.
 
-Each rank scores its share of the users (the loader splits them) against the whole item table,
-``eval.score_block_rows`` items at a time (memory: batch x block, whatever the catalog), and the
-per-user ranks are gathered, so the result is exact and equal to a single-process run.
-The popularity baseline (training-event counts) is scored by the same code beside the model.
+Two passes, so that no rank ever holds the whole item table (a 10^8 x 64 table is 25.6 GB):
+
+1. Each rank runs its share of the users (the loader splits them, every rank taking the same
+   number of batches) and keeps each user's last hidden state and target score.
+2. Every rank gets every user's state, and the catalog is swept in rounds: in each round each
+   rank fetches its own ``eval.score_block_rows`` items (one collective lookup, so each item
+   vector crosses the wire once) and counts, for every user, the items of its block that score
+   at least the target. The counts add up across ranks (``all_reduce``) to exact ranks, equal to
+   a single-process run's.
+
+Memory per rank: one item block, and the kept users' states and histories. ``eval.user_fraction``
+evaluates a fixed sample of users (chosen by a hash of the user index: the same users whatever
+the world size, sharding or order). The popularity baseline (training-event counts) is scored by
+the same sweep beside the model.
 """
 
 from __future__ import annotations
@@ -12,10 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from metrics import RankingMetrics, binary_metrics, blocked_target_ranks, popularity_scores, seen_blocks
 from model.modeling import SequenceRecommender
+
+_HASH = 0x9E3779B1  # Knuth's multiplicative hash (2^32 / golden ratio)
+
+
+def in_user_sample(users: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which users belong to the fixed evaluation sample of ``fraction`` of the users."""
+    if fraction >= 1.0:
+        return torch.ones(users.shape, dtype=torch.bool)
+    return (users.to(torch.int64) * _HASH) % (1 << 32) < int(fraction * (1 << 32))
 
 
 class Evaluator:
@@ -34,14 +54,47 @@ class Evaluator:
     ):
         self.shards, self.cfg, self.counts, self.positive_action = shards, cfg, counts, positive_action
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_items = len(counts)
 
     @torch.no_grad()
-    def __call__(
-        self, forward, model: SequenceRecommender, table: torch.Tensor, split: str, ranks_out: Path | None = None
-    ) -> dict:
+    def __call__(self, forward, model: SequenceRecommender, vectors, split: str, ranks_out: Path | None = None) -> dict:
         """``forward(item_embeddings, lengths, actions, gaps)`` runs the dense model (the DeepSpeed
-        engine in training, the module itself otherwise); ``table`` is the full (V, D) item table.
+        engine in training, the module itself otherwise); ``vectors(ids)`` gives items' vectors
+        (collective in training: every rank calls it the same number of times).
         ``ranks_out``: also write every user's target rank there (rank 0)."""
+        users = self._encode(forward, model, vectors, split)
+        if self.world_size > 1:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, users)
+            users = {key: torch.cat([part[key] for part in everyone]) for key in users}
+        model_ranks, popularity_ranks = self._sweep(model, vectors, users)
+        ks = tuple(self.cfg.eval.ks)
+        model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
+        model_metrics.update(model_ranks)
+        popularity_metrics.update(popularity_ranks)
+        result = {
+            "split": split,
+            "model": model_metrics.compute(ks),
+            "popularity": popularity_metrics.compute(ks),
+            "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=self.cfg.eval.bootstrap_samples),
+        }
+        extra = {}
+        if model.action_head is not None:
+            result["action"] = binary_metrics(users["action_probability"], users["action_label"])
+            extra = {key: users[key].numpy() for key in ("action_probability", "action_label")}
+        # Targets without training events (cold items, e.g. under --hold-out-items) apart from the rest.
+        cold = (self.counts[users["targets"]] == 0).numpy()
+        if cold.any():
+            for name, chosen in (("cold", cold), ("warm", ~cold)):
+                group = RankingMetrics()
+                group.update(model_ranks[torch.from_numpy(chosen)])
+                result[name] = group.compute(ks)
+        if ranks_out is not None and self.rank == 0:
+            _write_ranks(ranks_out, users=users["users"].numpy(), cold=cold, ranks=model_metrics.ranks, **extra)
+        return result
+
+    def _encode(self, forward, model, vectors, split: str) -> dict[str, torch.Tensor]:
+        """Pass 1: this rank's users (those in the sample, padding dropped), on the CPU."""
         cfg, device = self.cfg, self.device
         dataset, loader = make_loader(
             self.shards,
@@ -56,63 +109,79 @@ class Evaluator:
             self.rank,
             self.world_size,
         )
-        baseline = popularity_scores(self.counts).to(device)
-        model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
-        users, cold = [], []
-        action_probabilities, action_labels = [], []
+        kept: dict[str, list[torch.Tensor]] = {}
         for batch in iterate_epoch(dataset, loader, epoch=0):
             items, lengths = batch["items"].to(device), batch["lengths"].to(device)
             actions = batch["actions"].to(device) if "actions" in batch else None
             gaps = batch["gaps"].to(device) if "gaps" in batch else None
-            hidden = model.last_hidden(forward(table[items], lengths, actions, gaps), lengths).float()
+            targets = batch["target_items"].to(device)
+            # One lookup for the histories and the targets: one collective per batch on every rank.
+            looked_up = vectors(torch.cat([items.reshape(-1), targets]))
+            history, target_vectors = looked_up[: items.numel()].reshape(*items.shape, -1), looked_up[items.numel() :]
+            hidden = model.last_hidden(forward(history, lengths, actions, gaps), lengths).float()
+            keep = (batch["weights"] > 0) & in_user_sample(batch["users"], cfg.eval.user_fraction)
+            part = {
+                "users": batch["users"][keep],
+                "hidden": hidden.cpu()[keep],
+                "targets": targets.cpu()[keep],
+                # Scored by the same matmul the blocks use, so that ties break the same way.
+                "target_scores": model.scores(hidden, target_vectors).diagonal().cpu()[keep],
+            }
+            if cfg.eval.filter_seen:
+                seen_lengths = batch["seen_lengths"].to(torch.int64)
+                owner = torch.repeat_interleave(torch.arange(len(seen_lengths)), seen_lengths)
+                part["seen_items"] = batch["seen_items"].to(torch.int64)[keep[owner]]
+                part["seen_lengths"] = seen_lengths[keep]
+            if model.action_head is not None:
+                logits = model.action_logits(hidden, target_vectors).cpu()[keep]
+                part["action_probability"] = torch.sigmoid(logits)
+                part["action_label"] = self.positive_action[batch["target_actions"]][keep].cpu()
+            for key, value in part.items():
+                kept.setdefault(key, []).append(value)
+        return {key: torch.cat(values) for key, values in kept.items()}
+
+    def _sweep(self, model, vectors, users: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2: every user's rank of its target, the model's and the popularity baseline's."""
+        cfg, device, world = self.cfg, self.device, self.world_size
+        block, chunk, num_items = cfg.eval.score_block_rows, cfg.data.eval_batch_size, self.num_items
+        n = len(users["targets"])
+        baseline = popularity_scores(self.counts)
+        targets = users["targets"]
+        chunks = []
+        offsets = torch.zeros(n + 1, dtype=torch.int64)
+        if cfg.eval.filter_seen:
+            offsets[1:] = torch.cumsum(users["seen_lengths"], 0)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
             seen = None
             if cfg.eval.filter_seen:
-                seen = seen_blocks(batch["seen_items"].to(device), batch["seen_lengths"].to(device), len(table))
-            targets = batch["target_items"].to(device)
-            # The targets' scores by the same matmul the blocks use, so that ties break the same way.
-            target_scores = model.scores(hidden, table[targets]).diagonal()
-            ranks = blocked_target_ranks(
-                lambda start, stop, hidden=hidden: model.scores(hidden, table[start:stop]),
-                len(table), targets, target_scores, seen, cfg.eval.score_block_rows,
-            )  # fmt: skip
-            model_metrics.update(ranks.cpu(), batch["weights"])
-            real = batch["weights"] > 0
-            users.append(batch["users"][real])
-            cold.append((self.counts[targets.cpu()] == 0)[real])
-            ranks = blocked_target_ranks(
-                lambda start, stop: baseline[start:stop], len(table), targets, baseline[targets], seen,
-                cfg.eval.score_block_rows,
-            )  # fmt: skip
-            popularity_metrics.update(ranks.cpu(), batch["weights"])
-            if model.action_head is not None:
-                probabilities = torch.sigmoid(model.action_logits(hidden, table[targets])).cpu()
-                action_probabilities.append(probabilities[real])
-                action_labels.append(self.positive_action[batch["target_actions"]][real].cpu())
-        model_metrics.gather()
-        popularity_metrics.gather()
-        ks = tuple(cfg.eval.ks)
-        result = {
-            "split": split,
-            "model": model_metrics.compute(ks),
-            "popularity": popularity_metrics.compute(ks),
-            "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=cfg.eval.bootstrap_samples),
-        }
-        extra = {}
-        if model.action_head is not None:
-            probabilities, labels = _gather_cat(action_probabilities), _gather_cat(action_labels)
-            result["action"] = binary_metrics(probabilities, labels)
-            extra = {"action_probability": probabilities.numpy(), "action_label": labels.numpy()}
-        # Targets without training events (cold items, e.g. under --hold-out-items) apart from the rest.
-        users, cold = _gather_cat(users).numpy(), _gather_cat(cold).numpy()
-        if cold.any():
-            ranks = model_metrics.ranks
-            for name, chosen in (("cold", cold), ("warm", ~cold)):
-                group = RankingMetrics()
-                group.update(torch.from_numpy(ranks[chosen]))
-                result[name] = group.compute(ks)
-        if ranks_out is not None and self.rank == 0:
-            _write_ranks(ranks_out, users=users, cold=cold, ranks=model_metrics.ranks, **extra)
-        return result
+                seen_items = users["seen_items"][offsets[lo] : offsets[hi]].to(device)
+                seen = seen_blocks(seen_items, users["seen_lengths"][lo:hi].to(device), num_items)
+            chunks.append((lo, hi, users["hidden"][lo:hi].to(device), seen))
+        model_ranks = torch.zeros(n, dtype=torch.int64, device=device)
+        popularity_ranks = torch.zeros(n, dtype=torch.int64, device=device)
+        round_rows = block * world
+        for base in range(0, num_items, round_rows):
+            # This round's rows, split evenly: rank r scores [first, last).
+            share = -(-min(round_rows, num_items - base) // world)
+            first = min(num_items, base + self.rank * share)
+            last = min(num_items, first + share)
+            rows = vectors(torch.arange(first, last)).float()
+            popularity = baseline[first:last].to(device)
+            for lo, hi, hidden, seen in chunks:
+                chunk_targets = targets[lo:hi].to(device)
+                model_ranks[lo:hi] += blocked_target_ranks(
+                    lambda a, b, hidden=hidden, rows=rows, first=first: model.scores(hidden, rows[a - first : b - first]),
+                    num_items, chunk_targets, users["target_scores"][lo:hi].to(device), seen, block, span=(first, last),
+                )  # fmt: skip
+                popularity_ranks[lo:hi] += blocked_target_ranks(
+                    lambda a, b, popularity=popularity, first=first: popularity[a - first : b - first],
+                    num_items, chunk_targets, baseline[targets[lo:hi]].to(device), seen, block, span=(first, last),
+                )  # fmt: skip
+        if world > 1:
+            dist.all_reduce(model_ranks)
+            dist.all_reduce(popularity_ranks)
+        return model_ranks.cpu(), popularity_ranks.cpu()
 
 
 def _write_ranks(path: Path, **arrays) -> None:
@@ -121,15 +190,6 @@ def _write_ranks(path: Path, **arrays) -> None:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     tmp.rename(path)
-
-
-def _gather_cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    local = torch.cat(parts) if parts else torch.zeros(0)
-    if not torch.distributed.is_initialized():
-        return local
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, local)
-    return torch.cat(everyone)
 
 
 def evaluate_source(source: str | Path, split: str = "test", shards: str | None = None) -> dict:
@@ -151,7 +211,8 @@ def evaluate_source(source: str | Path, split: str = "test", shards: str | None 
     model = trained.model()
     positive = positive_actions(shards, trained.config.num_actions, cfg.loss.positive_action_min)
     evaluator = Evaluator(shards, cfg, load_counts(shards, items), positive)
-    return evaluator(model, model, trained.table(), split)
+    table = trained.table()
+    return evaluator(model, model, lambda ids: table[ids], split)
 
 
 def metrics_table(result: dict) -> str:

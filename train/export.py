@@ -93,7 +93,7 @@ def export(
             if trained.text_tokens is not None:
                 writer.write_text_tokens(trained.text_tokens.numpy())
             for start in range(0, rows, block_rows):
-                writer.write_items(start, trained.rows(start, min(rows, start + block_rows)).numpy())
+                writer.write_items(start, trained.rows(start, min(rows, start + block_rows)).float().numpy())
             writer.write_vocab(vocab_batches())
             writer.manifest["source"] = origin
             writer.manifest["metrics"] = {"best_valid_NDCG@10": trained.training["best_valid_ndcg10"]}

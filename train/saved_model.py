@@ -67,7 +67,8 @@ class TrainedModel:
     training: dict  # {"config": resolved training config or None, "step", "best_valid_ndcg10"}
     dense: dict[str, torch.Tensor]  # fp32 state dict of the dense model
     text_tokens: torch.Tensor | None
-    rows: Callable[[int, int], torch.Tensor]  # rows(start, stop): items' scoring vectors, fp32
+    # rows(start, stop): items' scoring vectors, fp32, or fp16 where the table was trained in fp16
+    rows: Callable[[int, int], torch.Tensor]
 
     @property
     def num_items(self) -> int:
@@ -79,7 +80,7 @@ class TrainedModel:
         return model.eval()
 
     def table(self) -> torch.Tensor:
-        return self.rows(0, self.num_items)
+        return self.rows(0, self.num_items).float()
 
     @property
     def shards(self) -> str | None:
@@ -101,10 +102,11 @@ def write_saved_model(
 ) -> Path:
     """Writes a saved model into a temporary directory that replaces ``directory`` when complete.
     ``rows(start, stop)`` gives the items' scoring vectors a block at a time, so memory stays at a
-    block whatever the catalog's size."""
+    block whatever the catalog's size; they are stored in fp16 when they come in fp16."""
     _quiet_transformers()
     rows_total, dim = config.num_items, config.architecture.hidden_size
-    tables = {"items": (np.float32, (rows_total, dim))}
+    first = rows(0, min(rows_total, block_rows))
+    tables = {"items": (np.float16 if first.dtype == torch.float16 else np.float32, (rows_total, dim))}
     if text_tokens is not None:
         tables["text_tokens"] = (np.float32, tuple(text_tokens.shape))
     with atomic_output_dir(Path(directory), overwrite=True) as tmp:
@@ -114,8 +116,8 @@ def write_saved_model(
         shell.save_pretrained(tmp, state_dict={k: v.detach().float().contiguous().cpu() for k, v in dense.items()})
         with BlockWriter(tmp / ITEMS, tables, {"format": "pt"}) as writer:
             for start in range(0, rows_total, block_rows):
-                block = rows(start, min(rows_total, start + block_rows))
-                writer.write("items", start, block.detach().float().cpu().numpy())
+                block = first if start == 0 else rows(start, min(rows_total, start + block_rows))
+                writer.write("items", start, block.detach().cpu().numpy())
             if text_tokens is not None:
                 writer.write("text_tokens", 0, text_tokens.detach().float().cpu().numpy())
         write_json_atomic(tmp / TRAINING, training)
@@ -201,7 +203,7 @@ def _from_checkpoint(path: Path, shards) -> TrainedModel:
     progress = meta["progress"]
     training = {"config": meta["config"], "step": progress["step"], "best_valid_ndcg10": progress["best_ndcg"]}
     cfg = config.architecture
-    tokens = checkpoint.read_table_rows(path, TOKEN_TABLE) if cfg.item_text_tokens else None
+    tokens = checkpoint.read_table_rows(path, TOKEN_TABLE).float() if cfg.item_text_tokens else None
     if not cfg.uses_text:
 
         def rows(start: int, stop: int) -> torch.Tensor:

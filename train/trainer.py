@@ -21,7 +21,15 @@ from data.shards import load_manifest, write_text_atomic
 from model.config import RecommenderConfig
 from model.items import RESERVED, TOKEN_TABLE, item_tables
 from model.modeling import SequenceRecommender
-from train.checkpoint import CheckpointManager, DataPosition, DenseState, Preemption, TableState, checkpoint_name
+from train.checkpoint import (
+    BLOCK_ROWS,
+    CheckpointManager,
+    DataPosition,
+    DenseState,
+    Preemption,
+    TableState,
+    checkpoint_name,
+)
 from train.compile import compile_dense_blocks
 from train.config import Config, ConfigError
 from train.distributed import ComputeEnv
@@ -94,6 +102,7 @@ class Trainer:
             cfg.optim.sparse_optimizer,
             cfg.optim.sparse_lr,
             cfg.schedule.seed,
+            cfg.parallel.table_dtype,
         )
         torch.manual_seed(cfg.schedule.seed)
         model = SequenceRecommender(self.model_config)
@@ -253,16 +262,11 @@ class Trainer:
         """The vectors of items ``ids`` (model.items). Collective: every rank calls it."""
         return self.model.item_encoder(ids, self.tables, self.catalog)
 
-    def full_table(self) -> torch.Tensor:
-        """Every item's vector on every rank (evaluation and the saved model score against it)."""
-        with torch.no_grad():
-            return self.item_vectors(torch.arange(self.num_items))
-
     # -- evaluation, checkpoints, the saved model ---------------------------------------------------
 
     def evaluate(self, split: str, ranks_out: Path | None = None) -> dict:
         self.engine.eval()
-        return self.evaluator(self.engine, self.model, self.full_table(), split, ranks_out)
+        return self.evaluator(self.engine, self.model, self.item_vectors, split, ranks_out)
 
     def save_checkpoint(self) -> Path:
         started = time.perf_counter()
@@ -282,8 +286,15 @@ class Trainer:
         """The current weights as a saved model (all ranks take part; rank 0 writes)."""
         import deepspeed
 
-        table = self.full_table()
         tokens = self.tables.full(TOKEN_TABLE) if self.cfg.model.item_text_tokens else None
+        # Where the vectors are the ID rows themselves, they are stored in the table's dtype.
+        half = self.cfg.parallel.table_dtype == "fp16" and not self.model_config.architecture.uses_text
+
+        @torch.no_grad()
+        def rows(start: int, stop: int) -> torch.Tensor:  # collective
+            block = self.item_vectors(torch.arange(start, stop))
+            return block.half() if half else block
+
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):
             # A copy on the writing rank only: at 10^9 parameters another rank's copy is 4 GB.
@@ -292,8 +303,13 @@ class Trainer:
                 if self.env.is_main
                 else None
             )
+        # The table streams in blocks, never whole on a rank; the other ranks take part in each
+        # block's lookup in the order write_saved_model asks for them (BLOCK_ROWS from row 0).
         if self.env.is_main:
-            write_saved_model(directory, self.model_config, dense, lambda a, b: table[a:b], tokens, training)
+            write_saved_model(directory, self.model_config, dense, rows, tokens, training, BLOCK_ROWS)
+        else:
+            for start in range(0, self.num_items, BLOCK_ROWS):
+                rows(start, min(self.num_items, start + BLOCK_ROWS))
 
     # -- the loop ------------------------------------------------------------------------------
 
