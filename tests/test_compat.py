@@ -103,3 +103,32 @@ def test_evaluation_in_item_blocks_gives_the_same_figures(shards):
     result = Evaluator(str(shards), cfg, counts, positive)(model, model, table.__getitem__, "test")
     for key, value in EXPECTED["saved_model_test"].items():
         assert result["model"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_user_sample_ranks_its_users_as_the_full_evaluation_does(shards, tmp_path):
+    import numpy as np
+
+    from train.config import config_from_dict
+    from train.evaluate import Evaluator, in_user_sample, user_hash
+    from train.items import load_counts, positive_actions
+    from train.saved_model import load_source
+
+    trained = load_source(FIXTURE / "saved-model", shards)
+    cfg = config_from_dict(trained.training["config"])
+    model, table = trained.model(), trained.table()
+    counts = load_counts(str(shards), trained.num_items)
+    positive = positive_actions(str(shards), trained.config.num_actions, cfg.loss.positive_action_min)
+    users = torch.arange(300)  # the fixture's 300 users; below every one's hash, none is chosen
+    none = float(user_hash(users).min()) / 2
+    ranks = {}
+    for fraction in (1.0, 0.3, none):
+        cfg.eval.user_fraction = fraction
+        out = tmp_path / f"{fraction}.npz"
+        result = Evaluator(str(shards), cfg, counts, positive)(model, model, table.__getitem__, "test", out)
+        ranks[fraction] = dict(np.load(out))
+        assert result["model"]["users"] == len(ranks[fraction]["users"])
+    everyone, sample = ranks[1.0], ranks[0.3]
+    chosen = in_user_sample(torch.from_numpy(everyone["users"]), 0.3).numpy()
+    assert len(everyone["users"]) == 300 and 0 < chosen.sum() < 300 and not len(ranks[none]["users"])
+    np.testing.assert_array_equal(sample["users"], everyone["users"][chosen])
+    np.testing.assert_array_equal(sample["ranks"], everyone["ranks"][chosen])

@@ -31,11 +31,16 @@ from model.modeling import SequenceRecommender
 _HASH = 0x9E3779B1  # Knuth's multiplicative hash (2^32 / golden ratio)
 
 
+def user_hash(users: torch.Tensor) -> torch.Tensor:
+    """Each user index's place in [0, 1), spread evenly whatever the indices' order."""
+    return ((users.to(torch.int64) + 1) * _HASH % (1 << 32)).double() / (1 << 32)
+
+
 def in_user_sample(users: torch.Tensor, fraction: float) -> torch.Tensor:
     """Which users belong to the fixed evaluation sample of ``fraction`` of the users."""
     if fraction >= 1.0:
         return torch.ones(users.shape, dtype=torch.bool)
-    return (users.to(torch.int64) * _HASH) % (1 << 32) < int(fraction * (1 << 32))
+    return user_hash(users) < fraction
 
 
 class Evaluator:
@@ -111,21 +116,27 @@ class Evaluator:
         )
         kept: dict[str, list[torch.Tensor]] = {}
         for batch in iterate_epoch(dataset, loader, epoch=0):
-            items, lengths = batch["items"].to(device), batch["lengths"].to(device)
-            actions = batch["actions"].to(device) if "actions" in batch else None
-            gaps = batch["gaps"].to(device) if "gaps" in batch else None
-            targets = batch["target_items"].to(device)
-            # One lookup for the histories and the targets: one collective per batch on every rank.
-            looked_up = vectors(torch.cat([items.reshape(-1), targets]))
-            history, target_vectors = looked_up[: items.numel()].reshape(*items.shape, -1), looked_up[items.numel() :]
-            hidden = model.last_hidden(forward(history, lengths, actions, gaps), lengths).float()
+            # Padding rows and users outside the sample go before the forward.
             keep = (batch["weights"] > 0) & in_user_sample(batch["users"], cfg.eval.user_fraction)
+            lengths = batch["lengths"][keep]
+            width = max(1, int(lengths.max())) if len(lengths) else 1
+            items = batch["items"][keep, :width].to(device)
+            targets = batch["target_items"][keep].to(device)
+            # One lookup for the histories and the targets: one collective per batch on every rank,
+            # whether or not it kept any user.
+            looked_up = vectors(torch.cat([items.reshape(-1), targets]))
+            if not keep.any():
+                continue
+            history, target_vectors = looked_up[: items.numel()].reshape(*items.shape, -1), looked_up[items.numel() :]
+            actions = batch["actions"][keep, :width].to(device) if "actions" in batch else None
+            gaps = batch["gaps"][keep, :width].to(device) if "gaps" in batch else None
+            hidden = model.last_hidden(forward(history, lengths.to(device), actions, gaps), lengths.to(device)).float()
             part = {
                 "users": batch["users"][keep],
-                "hidden": hidden.cpu()[keep],
-                "targets": targets.cpu()[keep],
+                "hidden": hidden.cpu(),
+                "targets": targets.cpu(),
                 # Scored by the same matmul the blocks use, so that ties break the same way.
-                "target_scores": model.scores(hidden, target_vectors).diagonal().cpu()[keep],
+                "target_scores": model.scores(hidden, target_vectors).diagonal().cpu(),
             }
             if cfg.eval.filter_seen:
                 seen_lengths = batch["seen_lengths"].to(torch.int64)
@@ -133,11 +144,20 @@ class Evaluator:
                 part["seen_items"] = batch["seen_items"].to(torch.int64)[keep[owner]]
                 part["seen_lengths"] = seen_lengths[keep]
             if model.action_head is not None:
-                logits = model.action_logits(hidden, target_vectors).cpu()[keep]
-                part["action_probability"] = torch.sigmoid(logits)
-                part["action_label"] = self.positive_action[batch["target_actions"]][keep].cpu()
+                part["action_probability"] = torch.sigmoid(model.action_logits(hidden, target_vectors)).cpu()
+                part["action_label"] = self.positive_action[batch["target_actions"][keep]].cpu()
             for key, value in part.items():
                 kept.setdefault(key, []).append(value)
+        if not kept:  # no user of the sample on this rank: empty parts of the same shapes
+            dim = model.cfg.hidden_size
+            empty = {"users": [], "hidden": torch.zeros(0, dim), "targets": [], "target_scores": torch.zeros(0)}
+            if cfg.eval.filter_seen:
+                empty |= {"seen_items": [], "seen_lengths": []}
+            if model.action_head is not None:
+                empty |= {"action_probability": torch.zeros(0), "action_label": torch.zeros(0, dtype=torch.bool)}
+            return {
+                k: v if isinstance(v, torch.Tensor) else torch.zeros(0, dtype=torch.int64) for k, v in empty.items()
+            }
         return {key: torch.cat(values) for key, values in kept.items()}
 
     def _sweep(self, model, vectors, users: dict) -> tuple[torch.Tensor, torch.Tensor]:
