@@ -97,6 +97,16 @@ def test_sampled_negatives_come_from_trained_items_and_are_looked_up_with_the_ba
     assert torch.isfinite(loss)
 
 
+def test_uniform_negatives_are_uniform_over_the_trained_items_with_no_per_item_table():
+    objective = REGISTRY["sampled"](_context(LossConfig(main="sampled", num_negatives=9000, in_batch_negatives=0)))
+    assert objective.proposal.weights is None
+    torch.manual_seed(0)
+    counts = torch.bincount(objective.proposal.draw(9000), minlength=12)
+    assert counts.sum() == 9000 and counts[:2].sum() == 0 and counts[5] == 0  # reserved, untrained
+    # 1,000 draws expected for each of the 9 trained items; 150 is 5 standard deviations.
+    assert (counts[[2, 3, 4, 6, 7, 8, 9, 10, 11]] - 1000).abs().max() < 150
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

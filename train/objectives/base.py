@@ -43,13 +43,43 @@ class ObjectiveContext:
     device: torch.device
     group: torch.distributed.ProcessGroup | None  # the data-parallel group the tables are sharded over
 
-    def trained_items_proposal(self, sampler: str) -> torch.Tensor:
-        """A negative-sampling distribution over the items with training events (the catalog
-        being learned): uniform, or popularity (count + 1)."""
-        weights = torch.ones(self.num_items) if sampler == "uniform" else self.catalog.counts.float() + 1.0
-        weights[:RESERVED] = 0.0
-        weights[~self.catalog.has_id] = 0.0
-        return weights / weights.sum()
+
+class NegativeProposal:
+    """Negatives drawn from the items with training events (the catalog being learned),
+    uniformly or by popularity (count + 1), and each drawn item's probability.
+
+    Uniform draws are rejection-sampled from the index range, so they hold no per-item tensor:
+    at 10^8 items the (V,) weights, their index and the expected counts held 1.6 GB per rank
+    (benchmarks/catalog_scale.py). A draw is rejected with the fraction of untrained items."""
+
+    def __init__(self, catalog: ItemCatalog, num_items: int, sampler: str, device: torch.device):
+        self.catalog, self.num_items, self.device = catalog, num_items, device
+        self.trained = int(catalog.has_id[RESERVED:].sum())
+        if not self.trained:
+            raise ValueError("no item has training events: there is nothing to draw negatives from")
+        self.weights = None
+        if sampler == "popularity":
+            weights = catalog.counts.float() + 1.0
+            weights[:RESERVED] = 0.0
+            weights[~catalog.has_id] = 0.0
+            self.weights = (weights / weights.sum()).to(device)
+
+    def draw(self, count: int) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, count, replacement=True)
+        parts, missing = [], count
+        while missing:
+            drawn = RESERVED + torch.randint(self.num_items - RESERVED, (missing + missing // 8 + 16,))
+            drawn = drawn[self.catalog.has_id[drawn]][:missing]
+            parts.append(drawn)
+            missing -= len(drawn)
+        return torch.cat(parts).to(self.device)
+
+    def probability(self, items: torch.Tensor) -> torch.Tensor:
+        """Of drawing each of ``items``, all of them trained items (draws and training targets)."""
+        if self.weights is not None:
+            return self.weights[items]
+        return torch.full(items.shape, 1.0 / self.trained, device=items.device)
 
 
 @dataclass

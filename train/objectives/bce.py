@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.objectives.base import Objective, StepBatch, StepItems, weighted_mean
+from train.objectives.base import NegativeProposal, Objective, StepBatch, StepItems, weighted_mean
 
 
 def bce_loss(
@@ -31,10 +31,10 @@ class BinaryCrossEntropy(Objective):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.proposal = ctx.trained_items_proposal(ctx.cfg.negative_sampler)
+        self.proposal = NegativeProposal(ctx.catalog, ctx.num_items, ctx.cfg.negative_sampler, ctx.device)
 
     def sample(self, step: StepBatch) -> torch.Tensor:
-        return torch.multinomial(self.proposal, len(step.targets), replacement=True).to(self.ctx.device)
+        return self.proposal.draw(len(step.targets))
 
     def __call__(self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled: torch.Tensor) -> torch.Tensor:
         model, targets = self.ctx.model, step.targets

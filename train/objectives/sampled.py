@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.objectives.base import Objective, StepBatch, StepItems, weighted_mean
+from train.objectives.base import NegativeProposal, Objective, StepBatch, StepItems, weighted_mean
 
 
 def sampled_softmax_loss(
@@ -41,18 +41,10 @@ class SampledSoftmax(Objective):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.proposal = ctx.trained_items_proposal(ctx.cfg.negative_sampler)
-        self.expected_proposal = self.proposal.to(ctx.device) * ctx.cfg.num_negatives
-        # Uniform draws index the trained items directly: multinomial reads the whole (V,)
-        # distribution on every call, which at 10^8 items costs more than the step's matmuls.
-        self.trained = self.proposal.nonzero().squeeze(1) if ctx.cfg.negative_sampler == "uniform" else None
+        self.proposal = NegativeProposal(ctx.catalog, ctx.num_items, ctx.cfg.negative_sampler, ctx.device)
 
     def sample(self, step: StepBatch) -> torch.Tensor:
-        m = self.ctx.cfg.num_negatives
-        if self.trained is not None:
-            drawn = self.trained[torch.randint(len(self.trained), (m,))].to(self.ctx.device)
-        else:
-            drawn = torch.multinomial(self.proposal, m, replacement=True).to(self.ctx.device)
+        drawn = self.proposal.draw(self.ctx.cfg.num_negatives)
         in_batch = self.ctx.cfg.in_batch_negatives
         if not in_batch or not len(step.targets):
             return drawn
@@ -60,7 +52,7 @@ class SampledSoftmax(Objective):
         return torch.cat([drawn, step.targets[picks]])
 
     def log_expected_counts(self, step: StepBatch, candidates: torch.Tensor) -> torch.Tensor:
-        expected = self.expected_proposal[candidates]
+        expected = self.ctx.cfg.num_negatives * self.proposal.probability(candidates)
         in_batch = self.ctx.cfg.in_batch_negatives
         if in_batch and len(step.targets):
             ordered = torch.sort(step.targets).values
