@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/text.py
 	$(PY) benchmarks/sharded_softmax.py
 	$(PY) benchmarks/zero_memory.py
+	$(PY) benchmarks/catalog_scale.py
 
 lint: install
 	$(VENV)/bin/ruff check .
