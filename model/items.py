@@ -91,7 +91,7 @@ class PlainItemTables:
 class ItemCatalog:
     """What is known of every item besides its learned rows (rows = item indices)."""
 
-    counts: torch.Tensor  # (V,) float64 training-event counts (the popularity baseline's scores)
+    counts: torch.Tensor  # (V,) integer training-event counts (popularity; 0: no trained ID row)
     text_vectors: torch.Tensor | None = None  # (V, text_dim) pretrained sentence-encoder vectors
     token_offsets: torch.Tensor | None = None  # (V + 1,) CSR offsets into token_ids
     token_ids: torch.Tensor | None = None  # hashed text-token indices (rows of TOKEN_TABLE)

@@ -225,3 +225,19 @@ def test_synthetic_has_sequential_structure_that_popularity_misses():
     transition_hit = top_next["len"].sum() / pairs.height
     top_item_share = events["item"].value_counts()["count"].max() / events.height
     assert transition_hit > 5 * top_item_share
+
+
+def test_training_counts_are_read_exactly_in_record_batches_and_out_of_range_indices_refused(tmp_path, synthetic):
+    import torch
+
+    from train.items import load_counts
+
+    manifest = _prepare(synthetic, tmp_path / "out", samples_per_shard=64)
+    items = pl.read_parquet(tmp_path / "out" / "items.parquet")
+    counts = load_counts(tmp_path / "out", manifest["vocab"]["items"])
+    assert counts.dtype == torch.int32 and len(counts) == manifest["vocab"]["items"]
+    assert counts[items["index"].to_numpy()].tolist() == items["count"].to_list()
+    assert int(counts.sum()) == manifest["counts"]["events_per_segment"]["train"] > 0
+    items.with_columns(pl.col("index") + 1).write_parquet(tmp_path / "out" / "items.parquet")
+    with pytest.raises(ValueError, match=r"items.parquet: an item index outside the vocabulary of \d+"):
+        load_counts(tmp_path / "out", manifest["vocab"]["items"])
