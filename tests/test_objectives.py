@@ -174,8 +174,8 @@ def test_mixed_negatives_add_the_steps_own_targets_with_their_expected_count_in_
     [
         (3_418, 2, "row_wise", "full"),
         (100_000, 1, "row_wise", "full"),
-        (100_000, 2, "row_wise", "full"),
-        (300_000, 2, "row_wise", "full_sharded"),
+        (99_999, 2, "row_wise", "full"),
+        (100_000, 2, "row_wise", "full_sharded"),
         (300_000, 2, "column_wise", "full"),
         (1_048_576, 2, "row_wise", "full_sharded"),
         (10_000_000, 2, "row_wise", "sampled"),

@@ -182,7 +182,7 @@ class LossConfig:
 
     __pydantic_config__ = _STRICT_FIELDS
 
-    # auto: full up to 131,071 items, full_sharded (on 2+ ranks) up to full_softmax_max_items,
+    # auto: full up to 99,999 items, full_sharded (on 2+ ranks) up to full_softmax_max_items,
     # sampled with mixed negatives above (train.objectives.choose_main).
     main: str = "auto"
     auxiliary: dict[str, float] = field(default_factory=dict)  # e.g. {action: 0.5}

@@ -17,11 +17,10 @@ REGISTRY: dict[str, type[Objective]] = {
 
 
 # loss.main=auto: the full softmax while the catalog is small, the sharded one while each rank's
-# share of it is, sampled softmax beyond (loss.full_softmax_max_items). The one-process full
-# softmax is faster below about 2^17 items on 2 ranks (benchmarks/sharded_softmax.py: at 10^5
-# items full_sharded takes 1.12x full's step time, at 3 x 10^5 0.51x, with 0.26x and 0.11x its
-# memory).
-SHARDED_FROM_ITEMS = 131_072
+# share of it is, sampled softmax beyond (loss.full_softmax_max_items). On 2 ranks full_sharded
+# takes 0.79x full's step time at 10^5 items and 0.40x at 3 x 10^5, with 0.22x and 0.12x its memory
+# (benchmarks/sharded_softmax.py); it is not measured below 10^5, where full is cheap anyway.
+SHARDED_FROM_ITEMS = 100_000
 
 
 def choose_main(cfg, num_items: int, world_size: int, sharding: str) -> str:

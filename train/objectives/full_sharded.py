@@ -23,35 +23,49 @@ from train.objectives.base import Objective, StepBatch, StepItems, weighted_mean
 
 class BlockwiseLogSumExp(torch.autograd.Function):
     """log sum_j exp(scale * h_i . v_j) over the candidate rows j, one block of rows at a time;
-    backward scores each block again instead of keeping the probabilities."""
+    backward scores each block again instead of keeping the probabilities.
+
+    ``normalize``: v_j is row j over its norm (F.normalize's), computed per block here, forward
+    and backward, rather than as a normalized copy of every owned row: that copy, and the
+    temporaries of its backward, held several times the shard's bytes at 10^7 items
+    (benchmarks/sharded_softmax.py)."""
 
     @staticmethod
-    def forward(ctx, hidden, rows, candidates, scale: float, block: int):
+    def forward(ctx, hidden, rows, candidates, scale: float, block: int, normalize: bool):
+        # The scale goes on the (N, D) side and the (N, block) logits are worked on in place:
+        # each pass over them costs as much as the block's matmul at dim 64.
+        queries = hidden * scale
         lse = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         for start in range(0, rows.shape[0], block):
-            logits = scale * hidden @ rows[start : start + block].T
-            logits = logits.masked_fill(~candidates[start : start + block], float("-inf"))
+            block_rows = rows[start : start + block]
+            if normalize:
+                block_rows = F.normalize(block_rows, dim=-1)
+            logits = (queries @ block_rows.T).masked_fill_(~candidates[start : start + block], float("-inf"))
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        ctx.save_for_backward(hidden, rows, candidates, lse)
-        ctx.scale, ctx.block = scale, block
+        ctx.save_for_backward(queries, rows, candidates, lse)
+        ctx.scale, ctx.block, ctx.normalize = scale, block, normalize
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
-        hidden, rows, candidates, lse = ctx.saved_tensors
-        scale, block = ctx.scale, ctx.block
+        queries, rows, candidates, lse = ctx.saved_tensors
         # A rank with no candidate rows has lse -inf and contributes nothing.
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        grad_hidden = torch.zeros_like(hidden)
-        grad_rows = torch.zeros_like(rows)
-        for start in range(0, rows.shape[0], block):
-            block_rows = rows[start : start + block]
-            logits = scale * hidden @ block_rows.T
-            logits = logits.masked_fill(~candidates[start : start + block], float("-inf"))
-            weighted = torch.exp(logits - finite[:, None]) * (scale * grad_lse[:, None])
-            grad_hidden += weighted @ block_rows
-            grad_rows[start : start + block] = weighted.T @ hidden
-        return grad_hidden, grad_rows, None, None, None
+        grad_hidden = torch.zeros_like(queries)
+        grad_rows = torch.empty_like(rows)
+        for start in range(0, rows.shape[0], ctx.block):
+            block_rows = rows[start : start + ctx.block]
+            if ctx.normalize:
+                norms = block_rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+                block_rows = block_rows / norms
+            logits = (queries @ block_rows.T).masked_fill_(~candidates[start : start + ctx.block], float("-inf"))
+            weighted = logits.sub_(finite[:, None]).exp_().mul_(grad_lse[:, None])  # softmax x upstream gradient
+            grad_hidden.addmm_(weighted, block_rows)
+            grad = weighted.T @ queries
+            if ctx.normalize:  # through v = r / |r|: (g - v (v . g)) / |r|
+                grad = (grad - block_rows * (block_rows * grad).sum(-1, keepdim=True)) / norms
+            grad_rows[start : start + ctx.block] = grad
+        return grad_hidden.mul_(ctx.scale), grad_rows, None, None, None, None
 
 
 def _gather_positions(hidden: torch.Tensor, group) -> tuple[torch.Tensor, int]:
@@ -84,15 +98,13 @@ class ShardedFullSoftmax(Objective):
         # Every rank looks up its own rows (collective), so their gradients reach the fused optimizer.
         rows = model.item_encoder(self.owned, self.ctx.tables, self.ctx.catalog)
         target_logits = model.pair_scores(hidden, items(step.targets))
-        scale = 1.0
-        queries = hidden
-        if model.cfg.normalize:
-            queries, rows, scale = F.normalize(hidden, dim=-1), F.normalize(rows, dim=-1), 1.0 / model.cfg.temperature
+        normalize = model.cfg.normalize
+        queries, scale = (F.normalize(hidden, dim=-1), 1.0 / model.cfg.temperature) if normalize else (hidden, 1.0)
         if self.group is None:
-            lse = BlockwiseLogSumExp.apply(queries, rows, self.candidates, scale, self.block)
+            lse = BlockwiseLogSumExp.apply(queries, rows, self.candidates, scale, self.block, normalize)
         else:
             everyone, mine = _gather_positions(queries, self.group)
-            partial = BlockwiseLogSumExp.apply(everyone, rows, self.candidates, scale, self.block)
+            partial = BlockwiseLogSumExp.apply(everyone, rows, self.candidates, scale, self.block, normalize)
             every = funcol.all_gather_single(partial, 0, self.group).view(-1, partial.shape[0])
             lse = torch.logsumexp(every, dim=0)
             lse = lse[mine : mine + hidden.shape[0]]
