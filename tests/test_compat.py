@@ -56,11 +56,13 @@ def test_a_format_1_checkpoint_resumes_as_it_did_and_exports(shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE / "checkpoint", run / "checkpoints" / "step_000000020")
     (run / "checkpoints" / "latest").write_text("step_000000020\n")
-    # Written before length bucketing: resumed with the batching it was trained with (with buckets
-    # on, the changed data settings restart the data at the next epoch boundary, as logged).
+    # Written before length bucketing and the running loss normaliser: resumed with the batching
+    # and normaliser it was trained with (with buckets on, the changed data settings restart the
+    # data at the next epoch boundary, as logged; a running normaliser starts fresh).
     resumed, log = torchrun_train(
-        run, shards, "schedule.epochs=3", "data.length_buckets=false", train_args=["--resume", "auto"]
-    )
+        run, shards, "schedule.epochs=3", "data.length_buckets=false", "loss.normaliser=step",
+        train_args=["--resume", "auto"],
+    )  # fmt: skip
     assert "at step 20 (epoch 2, batch 0)" in log and "resharded" not in log and "restarts" not in log
     # Steps 21-30. Resuming with the first AdamW moment zeroed moves them by a relative 8e-3.
     assert resumed["losses"] == pytest.approx(EXPECTED["resumed_losses"], rel=1e-5)

@@ -1,5 +1,6 @@
 """The objectives one by one, by hand, and the registry that builds the loss from the config."""
 
+import json
 import math
 
 import pytest
@@ -186,3 +187,18 @@ def test_auto_objective_follows_the_catalog_size(items, world, sharding, expecte
 
     assert choose_main(LossConfig(), items, world, sharding) == expected
     assert choose_main(LossConfig(main="bce"), items, world, sharding) == "bce"
+
+
+def test_the_running_normaliser_weighs_every_token_alike_and_resumes_exactly():
+    from train.objectives import LossNormaliser
+
+    sums = [torch.tensor(s) for s in (400.0, 40.0, 100.0)]  # a step of long histories, then short ones
+    per_step = LossNormaliser("step", torch.device("cpu"))
+    assert [float(per_step(s)) for s in sums] == [400.0, 40.0, 100.0]
+    running = LossNormaliser("running", torch.device("cpu"))
+    assert [float(running(s)) for s in sums[:2]] == [400.0, 220.0]
+    # Each token's loss is divided by the same mean, not by its own step's count.
+    saved = running.state_dict()
+    resumed = LossNormaliser("running", torch.device("cpu"))
+    resumed.load_state_dict(json.loads(json.dumps(saved)))  # as meta.json keeps it
+    assert float(resumed(sums[2])) == float(running(sums[2])) == 180.0

@@ -236,7 +236,7 @@ def test_training_counts_are_read_exactly_in_record_batches_and_out_of_range_ind
     items = pl.read_parquet(tmp_path / "out" / "items.parquet")
     counts = load_counts(tmp_path / "out", manifest["vocab"]["items"])
     assert counts.dtype == torch.int32 and len(counts) == manifest["vocab"]["items"]
-    assert counts[items["index"].to_numpy()].tolist() == items["count"].to_list()
+    assert counts[items["index"].to_list()].tolist() == items["count"].to_list()
     assert int(counts.sum()) == manifest["counts"]["events_per_segment"]["train"] > 0
     items.with_columns(pl.col("index") + 1).write_parquet(tmp_path / "out" / "items.parquet")
     with pytest.raises(ValueError, match=r"items.parquet: an item index outside the vocabulary of \d+"):

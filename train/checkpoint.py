@@ -616,7 +616,10 @@ class CheckpointManager:
         self.dense.load(path, meta, convert=not same_dense)
         self.tables.load(path, meta["format_version"])
         for key, state in self.states.items():
-            state.load_state_dict(meta[key])
+            if key in meta:
+                state.load_state_dict(meta[key])
+            else:  # a part added after the checkpoint's version (loss_normaliser): it starts fresh
+                self.log(f"{path} has no {key}; it starts fresh")
         progress = self.data.progress
         message = f"resumed from {path} at step {progress.step} (epoch {progress.epoch}, batch {progress.batch})"
         if not same_dense or (meta["world_size"], meta["sharding"]) != (self.world_size, self.describe["sharding"]):

@@ -192,6 +192,10 @@ class LossConfig:
     negative_sampler: str = "uniform"  # sampled, bce: uniform over the trained items, or popularity (count + 1)
     positive_action_min: float = 4.0  # action: a raw action value >= this is positive (a rating of 4 or 5, say)
     score_block_rows: int = 8192  # full_sharded: item rows scored at a time (memory: 4 B x all positions x this)
+    # What a step's summed token losses are divided by: the mean tokens per step so far
+    # (running: every token weighs the same, however its batch was bucketed) or the step's own
+    # tokens (step: a per-token mean per step). See train.objectives.LossNormaliser.
+    normaliser: str = "running"
 
     def __post_init__(self):
         from train.objectives import REGISTRY
@@ -212,6 +216,8 @@ class LossConfig:
             raise ConfigError(
                 f"loss.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
             )
+        if self.normaliser not in ("step", "running"):
+            raise ConfigError(f"loss.normaliser must be 'step' or 'running', got {self.normaliser!r}")
         if self.num_negatives < 1 or self.in_batch_negatives < 0 or self.full_softmax_max_items < 1:
             raise ConfigError(
                 "loss.num_negatives and loss.full_softmax_max_items must be >= 1, loss.in_batch_negatives >= 0"

@@ -36,7 +36,7 @@ from train.distributed import ComputeEnv
 from train.embeddings import ItemEmbeddings
 from train.evaluate import Evaluator, metrics_table
 from train.items import load_catalog, model_vocab, positive_actions
-from train.objectives import ObjectiveContext, StepBatch, StepItems, build_loss, choose_main
+from train.objectives import LossNormaliser, ObjectiveContext, StepBatch, StepItems, build_loss, choose_main
 from train.policy import Decision, StepPolicy, StepSignals, TrainState
 from train.pretrained import init_model
 from train.saved_model import TrainedModel, write_saved_model
@@ -158,6 +158,7 @@ class Trainer:
             cfg.data.shards, cfg, self.catalog.counts, self.positive_action, env.rank, env.world_size, env.device
         )
         self.state = TrainState()
+        self.normaliser = LossNormaliser(cfg.loss.normaliser, env.device)
         self.best_checkpoint: Path | None = None
         self.policy = StepPolicy(cfg.schedule, cfg.checkpoint, self.steps_per_epoch)
         self.signals = StepSignals(env.device)
@@ -167,7 +168,7 @@ class Trainer:
             dense=DenseState(self.engine, model, cfg.parallel.zero_stage),
             tables=TableState(self.tables),
             data=DataPosition(self.train_data, self.state, self._data_signature()),
-            states={"progress": self.state},
+            states={"progress": self.state, "loss_normaliser": self.normaliser},
             describe={
                 "config": cfg.to_dict(),
                 "vocab": self.model_config.vocab,
@@ -234,7 +235,8 @@ class Trainer:
         self.engine.step()
         self.timer.mark("optimizer")
         self.state.step += 1
-        self.losses.record(loss)
+        # Logged as the step's per-token mean, whatever the normaliser.
+        self.losses.record(loss * step.total / step.weight_share.clamp(min=1e-12))
 
     def _step_batch(self, batch: dict) -> StepBatch:
         device = self.env.device
@@ -246,9 +248,11 @@ class Trainer:
         weights = batch["weights"].to(device)[:, None].expand_as(positions)[positions]
         schedule = self.cfg.schedule
         out_of_time = bool(schedule.max_minutes) and self.state.elapsed_seconds > 60 * schedule.max_minutes
-        total = self.signals.reduce(weights.sum(), self.preemption.requested, out_of_time) / self.env.world_size
+        weight_sum = self.signals.reduce(weights.sum(), self.preemption.requested, out_of_time)
+        total = self.normaliser(weight_sum) / self.env.world_size
         next_actions = batch["actions"][:, 1:].to(device)[positions] if "actions" in batch else None
-        return StepBatch(inputs, input_lengths, positions, targets[positions], weights, total, next_actions)
+        share = weight_sum / self.env.world_size
+        return StepBatch(inputs, input_lengths, positions, targets[positions], weights, total, next_actions, share)
 
     def _lookup(self, step: StepBatch, samples: list) -> StepItems:
         """The vectors of every item the step scores, in one lookup (one collective)."""

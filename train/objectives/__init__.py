@@ -4,7 +4,14 @@ registry; every objective implements train.objectives.base.Objective."""
 from __future__ import annotations
 
 from train.objectives import action, bce, full, full_sharded, in_batch, sampled
-from train.objectives.base import Objective, ObjectiveContext, StepBatch, StepItems, WeightedObjectives
+from train.objectives.base import (
+    LossNormaliser,
+    Objective,
+    ObjectiveContext,
+    StepBatch,
+    StepItems,
+    WeightedObjectives,
+)
 
 REGISTRY: dict[str, type[Objective]] = {
     "full": full.FullSoftmax,
@@ -45,6 +52,7 @@ def build_loss(ctx: ObjectiveContext) -> WeightedObjectives:
 __all__ = [
     "REGISTRY",
     "choose_main",
+    "LossNormaliser",
     "Objective",
     "ObjectiveContext",
     "StepBatch",

@@ -32,6 +32,38 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tens
     return (values * weights).sum() / denominator.clamp(min=1.0)
 
 
+class LossNormaliser:
+    """What a step's summed token losses are divided by (``loss.normaliser``).
+
+    ``step``: the step's own global weight sum, a per-token mean per step. ``running``: the mean
+    global weight sum of the steps so far (this one included), so that every token weighs the
+    same whatever the length of the histories it was batched with. Length-bucketed batches make
+    the difference: a step of short histories holds a tenth of the tokens of a step of long ones,
+    and a per-step mean gives each of its tokens ten times the weight. The sum stays on the
+    device (no host read in the step) and is checkpointed with the run's progress."""
+
+    KINDS = ("step", "running")
+
+    def __init__(self, kind: str, device: torch.device):
+        self.kind = kind
+        self.weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def __call__(self, global_weight_sum: torch.Tensor) -> torch.Tensor:
+        if self.kind == "step":
+            return global_weight_sum
+        self.weight_sum += global_weight_sum
+        self.steps += 1
+        return (self.weight_sum / self.steps).to(global_weight_sum.dtype)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "weight_sum": float(self.weight_sum), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight_sum.fill_(state["weight_sum"])
+        self.steps = int(state["steps"])
+
+
 @dataclass
 class ObjectiveContext:
     cfg: LossConfig
@@ -91,8 +123,9 @@ class StepBatch:
     positions: torch.Tensor  # (B, T) bool: the real positions
     targets: torch.Tensor  # (N,) the next item after each real position
     weights: torch.Tensor  # (N,) the sample weight of each target (0 in padding batches)
-    total: torch.Tensor  # () the loss normaliser: global weight sum over the world size
+    total: torch.Tensor  # () the loss normaliser (LossNormaliser) over the world size
     next_actions: torch.Tensor | None  # (N,) the action index of each target event, when the data has actions
+    weight_share: torch.Tensor | None = None  # () the global weight sum over the world size
 
 
 class StepItems:
