@@ -106,6 +106,7 @@ def test_every_recipe_is_a_valid_config(recipe):
         ("eval.ks=[1,x]", "eval.ks.1: input should be a valid integer"),
         ("model.loss=sampled", "unknown config field model.loss; it is loss.main now"),
         ("loss.main=hinge", "loss.main must be a next-item objective"),
+        ("loss.normaliser=tokens", "loss.normaliser must be one of ('step', 'running'), got 'tokens'"),
         ("model.action_head=true", "model.action_head and the 'action' objective go together"),
     ],
 )

@@ -198,7 +198,7 @@ class LossConfig:
     normaliser: str = "running"
 
     def __post_init__(self):
-        from train.objectives import REGISTRY
+        from train.objectives import REGISTRY, LossNormaliser
 
         main = REGISTRY.get(self.main)
         if self.main != "auto" and (main is None or not main.predicts_next_item):
@@ -216,8 +216,8 @@ class LossConfig:
             raise ConfigError(
                 f"loss.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}"
             )
-        if self.normaliser not in ("step", "running"):
-            raise ConfigError(f"loss.normaliser must be 'step' or 'running', got {self.normaliser!r}")
+        if self.normaliser not in LossNormaliser.KINDS:
+            raise ConfigError(f"loss.normaliser must be one of {LossNormaliser.KINDS}, got {self.normaliser!r}")
         if self.num_negatives < 1 or self.in_batch_negatives < 0 or self.full_softmax_max_items < 1:
             raise ConfigError(
                 "loss.num_negatives and loss.full_softmax_max_items must be >= 1, loss.in_batch_negatives >= 0"
