@@ -341,3 +341,49 @@ def test_another_vocabulary_is_refused_on_the_command_line(tmp_path, stage0):
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "vocabulary differs: the checkpoint has 82 items" in done.stderr and "Traceback" not in done.stderr
+
+
+def _gather_after_resume(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    import deepspeed
+    import torch
+
+    from train.checkpoint import DenseState
+    from train.distributed import compute_cleanup, compute_init
+
+    compute_init(seed=0)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}
+
+    def engine():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+        built, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters()), config=config)
+        return built, module
+
+    trained, module = engine()
+    trained.backward(trained(torch.randn(2, 8)).sum())
+    trained.step()
+    before = DenseState(trained, module, 2).gather()
+    trained.save_checkpoint(f"{out}/ds", tag="t")
+    resumed, module = engine()
+    resumed.load_checkpoint(f"{out}/ds", tag="t")
+    # No step in between: what a run preempted at an epoch's last batch does first on resuming.
+    after = DenseState(resumed, module, 2).gather()
+    torch.save({"before": before, "after": after}, f"{out}/rank{rank}.pt")
+    compute_cleanup()
+
+
+def test_a_zero2_checkpoint_right_after_a_resume_gathers_the_loaded_moments(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    mp.spawn(_gather_after_resume, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["before"].keys() == saved["after"].keys()
+        assert any(k.startswith("exp_avg/") and v.abs().sum() > 0 for k, v in saved["after"].items())
+        for key, value in saved["before"].items():
+            torch.testing.assert_close(saved["after"][key], value, rtol=0, atol=0, msg=key)

@@ -286,6 +286,14 @@ class DenseState:
 
         out = {}
         inner = _inner_optimizer(self.engine)
+        relink = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if self.zero_stage in (1, 2) and relink is not None and inner.state:
+            # DeepSpeed links its parameter fragments to the optimizer state at step(), not at
+            # load: a checkpoint right after a resume (a run preempted at an epoch's last batch
+            # ends that epoch first) found no moments on the ranks holding a fragment, which
+            # raised there and left the other ranks waiting in the all-reduce.
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            relink()
         for name, p in self.module.named_parameters():
             if self.zero_stage == 0:
                 weight, state = p.detach(), inner.state.get(p, {})
