@@ -179,6 +179,7 @@ class Evaluator:
             chunks.append((lo, hi, users["hidden"][lo:hi].to(device), seen))
         model_ranks = torch.zeros(n, dtype=torch.int64, device=device)
         popularity_ranks = torch.zeros(n, dtype=torch.int64, device=device)
+        target_popularity = popularity_scores(self.counts[targets]).to(device)
         round_rows = block * world
         for base in range(0, num_items, round_rows):
             # This round's rows, split evenly: rank r scores [first, last).
@@ -196,8 +197,7 @@ class Evaluator:
                 )  # fmt: skip
                 popularity_ranks[lo:hi] += blocked_target_ranks(
                     lambda a, b, popularity=popularity, first=first: popularity[a - first : b - first],
-                    num_items, chunk_targets, popularity_scores(self.counts[targets[lo:hi]]).to(device), seen, block,
-                    span=(first, last),
+                    num_items, chunk_targets, target_popularity[lo:hi], seen, block, span=(first, last),
                 )  # fmt: skip
         if world > 1:
             dist.all_reduce(model_ranks)
