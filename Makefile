@@ -43,6 +43,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/data_prep.py
 	$(PY) benchmarks/train_ml1m.py
+	$(PY) benchmarks/train_ml1m.py --config configs/ml-1m-large.yaml --work runs/ml-1m-large
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/serve.py
