@@ -56,19 +56,25 @@ class SequenceRecommender(PreTrainedModel):
     ) -> torch.Tensor:
         """Hidden state after each position, (B, T, D). ``item_embeddings`` is (B, T, D) for
         right-padded histories of ``lengths``; position t sees positions <= t only."""
-        # The lookup may hand fp32 rows to a bf16 model (TorchRec tables stay fp32).
-        tokens = item_embeddings.to(self.input_norm.weight.dtype)
-        if self.action_embeddings is not None and actions is not None:
-            tokens = tokens + self.action_embeddings(actions)
-        if self.gap_embeddings is not None and gaps is not None:
-            tokens = tokens + self.gap_embeddings(gaps)
-        tokens = self.dropout(self.input_norm(tokens))
+        tokens = self.dropout(self.tokens(item_embeddings, actions, gaps))
         # No padding mask on purpose: histories are right-padded, so under causal attention a real
         # position only ever sees real positions. Without a mask the backbone keeps the fused
         # causal attention kernel instead of materialising a (B, T, T) mask (about 3x faster here).
         # use_cache=False: the key/value cache would be filled and thrown away (and, a Python
         # object per layer, it makes torch.compile recompile every block).
         return self.backbone(inputs_embeds=tokens, use_cache=False).last_hidden_state
+
+    def tokens(
+        self, item_embeddings: torch.Tensor, actions: torch.Tensor | None = None, gaps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The backbone's input: each event's item vector plus its action and gap embeddings, normed."""
+        # The lookup may hand fp32 rows to a bf16 model (TorchRec tables stay fp32).
+        tokens = item_embeddings.to(self.input_norm.weight.dtype)
+        if self.action_embeddings is not None and actions is not None:
+            tokens = tokens + self.action_embeddings(actions)
+        if self.gap_embeddings is not None and gaps is not None:
+            tokens = tokens + self.gap_embeddings(gaps)
+        return self.input_norm(tokens)
 
     def scores(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states (N, D) against candidate item embeddings (C, D)."""
