@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 from data import schema
 from model.config import ModelConfig, RecommenderConfig
+from model.inference import KVCache, LeanDecoder
 from model.modeling import SequenceRecommender
 from serve import artifact
 from serve.artifact import OFFSET, SCALE
+from serve.sessions import Session, SessionMiss, SessionStore
 
 BLOCK_ROWS = 1 << 14  # rows scored at a time: a few MiB of float temporaries at common widths
 ENCODE_BATCH = 256
@@ -36,9 +38,10 @@ class Recommendation:
     truncated: bool = False  # the history was longer than the model's window; its oldest events were dropped
     fallback: str | None = None  # "popularity" when no known history was left
     titles: list | None = None  # of the recommended items, when the artifact has titles
+    events: int | None = None  # with a stored session: the user's events applied (the next request's seq)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "titles" or v is not None}
+        return {k: v for k, v in asdict(self).items() if k not in ("titles", "events") or v is not None}
 
 
 class ItemTable:
@@ -170,6 +173,7 @@ class Recommender:
         except RuntimeError as e:
             raise artifact.ArtifactError(f"{self.path / artifact.MODEL}: does not fit {artifact.CONFIG}: {e}") from None
         self.model.eval()
+        self.lean = LeanDecoder(self.model) if LeanDecoder.supports(self.model) else None
         self.quant = config["quant"]
         self.items = ItemTable(items, self.quant, config["items"]["dim"], self.model.cfg.normalize, block_rows)
         self.vocab = Vocabulary(vocab, self.items.rows)
@@ -206,12 +210,26 @@ class Recommender:
     # -- index level: used by the raw-ID API, offline scoring and evaluation ------------------
 
     @torch.inference_mode()
-    def encode(self, items: torch.Tensor, lengths: torch.Tensor, actions=None, gaps=None) -> torch.Tensor:
-        """Hidden state after each right-padded history's last event, (B, D)."""
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor, actions=None, gaps=None, with_cache: bool = False):
+        """Hidden state after each right-padded history's last event, (B, D); with ``with_cache``
+        also each history's key/value cache (None without a lean forward for the backbone)."""
         actions = actions if self.uses_actions else None
         gaps = gaps if self.uses_gaps else None
-        hidden = self.model(self.items.lookup(items), lengths, actions, gaps)
-        return self.model.last_hidden(hidden, lengths).float()
+        tokens = self.model.tokens(self.items.lookup(items), actions, gaps)
+        if self.lean is not None:
+            return self.lean.encode(tokens, lengths, with_cache)
+        hidden = self.model.last_hidden(self.model.backbone(inputs_embeds=tokens).last_hidden_state, lengths).float()
+        return (hidden, [None] * len(hidden)) if with_cache else hidden
+
+    def warm_up(self) -> None:
+        """A few forwards and rankings of the shapes serving meets, before the model is called ready
+        (the first calls allocate and pick kernels)."""
+        for length in (1, self.max_len // 2, self.max_len):
+            for batch in (1, 8):
+                items = torch.full((batch, length), schema.FIRST_INDEX, dtype=torch.int64)
+                zeros = torch.zeros_like(items)
+                hidden = self.encode(items, torch.full((batch,), length), zeros, zeros)
+                self.top_k(hidden, 10)
 
     @torch.inference_mode()
     def top_k(
@@ -316,35 +334,72 @@ class Recommender:
         lists of raw IDs applied to every history, or one list per history."""
         n = len(histories)
         allow_rows, deny_rows = _per_history(allow, n, "allow"), _per_history(deny, n, "deny")
-        prepared = [
-            self._prepare(
+        queries = [
+            Query(
                 histories[b],
+                k,
+                exclude_seen,
+                allow_rows[b],
+                deny_rows[b],
                 actions[b] if actions is not None else None,
                 timestamps[b] if timestamps is not None else None,
             )
             for b in range(n)
         ]
+        return self.answer(queries)
+
+    def answer(self, queries: list[Query], sessions: SessionStore | None = None) -> list[Recommendation]:
+        """Recommendations for ``queries``. A query naming a ``user`` and a ``seq`` extends that
+        user's stored session in ``sessions`` with its new events and computes only those; its
+        answer is a SessionMiss (and its session unchanged) when the store does not hold the events
+        before ``seq``."""
+        if not queries:
+            return []
+        users = [q.user for q in queries if q.seq is not None]
+        if len(set(users)) != len(users):
+            raise ValueError("a user with a seq appears more than once in one request")
+        plans = [self._plan(q, sessions) for q in queries]
+        missed = [b for b, p in enumerate(plans) if p.missing]
+        if missed:  # answered as misses; the others go on (a client resends them: seq makes that a retry)
+            answered = self.answer([q for b, q in enumerate(queries) if b not in set(missed)], sessions)
+            out = iter(answered)
+            return [
+                SessionMiss({plans[b].query.user: plans[b].held}) if b in missed else next(out)
+                for b in range(len(plans))
+            ]
+        hidden = self._hidden(plans)
+        k = max(q.k for q in queries)
         exclude = []
-        for b, p in enumerate(prepared):
-            parts = [p["seen"]] if exclude_seen else []
-            if deny_rows[b] is not None:
-                parts.append(self.vocab.indices(deny_rows[b]))
+        for p in plans:
+            parts = [p.seen] if p.query.exclude_seen else []
+            if p.query.deny is not None:
+                parts.append(self.vocab.indices(p.query.deny))
             exclude.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
-        allow_idx = [None if a is None else self.vocab.indices(a) for a in allow_rows]
-        scores, items = self.rank([(p["items"], p["actions"], p["gaps"]) for p in prepared], k, exclude, allow_idx)
+        allow = [None if q.allow is None else self.vocab.indices(q.allow) for q in queries]
+        scores = torch.full((len(plans), k), -torch.inf)
+        items = torch.zeros((len(plans), k), dtype=torch.int64)
+        model_rows = [b for b, h in enumerate(hidden) if h is not None]
+        popularity_rows = [b for b, h in enumerate(hidden) if h is None]
+        for rows, query in ((model_rows, torch.stack([hidden[b] for b in model_rows]) if model_rows else None),
+                            (popularity_rows, None)):  # fmt: skip
+            if rows:
+                scores[rows], items[rows] = self.top_k(query, k, [exclude[b] for b in rows], [allow[b] for b in rows])
         results = []
-        for b, p in enumerate(prepared):
-            found = items[b][torch.isfinite(scores[b])].numpy()
+        for b, p in enumerate(plans):
+            found = items[b, : p.query.k][torch.isfinite(scores[b, : p.query.k])].numpy()
             results.append(
                 Recommendation(
                     items=self.vocab.raw(found),
                     scores=scores[b][: len(found)].tolist(),
-                    unknown_items=p["unknown"],
-                    truncated=p["truncated"],
-                    fallback=None if len(p["items"]) else "popularity",
+                    unknown_items=p.unknown,
+                    truncated=p.known > self.max_len,
+                    fallback=None if hidden[b] is not None else "popularity",
                     titles=None if self.vocab.titles is None else self.vocab.titles[found].tolist(),
+                    events=p.events if p.query.seq is not None else None,
                 )
             )
+            if p.query.seq is not None and sessions is not None:
+                sessions.put(p.query.user, p.session(hidden[b]))
         return results
 
     def action_index(self, value) -> int:
@@ -353,31 +408,121 @@ class Recommender:
             value = int(value)
         return self._actions.get(str(value), schema.UNK)
 
-    def _prepare(self, history: list, actions: list | None, timestamps: list | None) -> dict:
-        indices = self.vocab.indices(history)
-        for name, values in (("actions", actions), ("timestamps", timestamps)):
-            if values is not None and len(values) != len(history):
-                raise ValueError(f"{name} has {len(values)} entries for a history of {len(history)} items")
-        gaps = None
-        if self.uses_gaps and timestamps is not None:
-            gaps = schema.gap_buckets(np.diff(np.asarray(timestamps, dtype=np.float64), prepend=np.nan))
-            gaps[0] = schema.UNK  # the first event has no previous one
-        action_indices = None
-        if self.uses_actions and actions is not None:
-            action_indices = np.array([self.action_index(a) for a in actions], dtype=np.int64)
-        known = indices >= 0
-        unknown = [history[i] for i in np.flatnonzero(~known)]
-        keep = np.flatnonzero(known)
-        truncated = len(keep) > self.max_len
-        keep = keep[-self.max_len :]
-        return {
-            "items": indices[keep],
-            "actions": action_indices[keep] if action_indices is not None else None,
-            "gaps": gaps[keep].astype(np.int64) if gaps is not None else None,
-            "seen": indices[known],
-            "unknown": unknown,
-            "truncated": bool(truncated),
-        }
+    def _plan(self, q: Query, sessions: SessionStore | None) -> _Plan:
+        """What a query needs computed: its window from scratch, its stored session extended by its
+        new events, or (a retry with nothing new) the stored hidden state as it is."""
+        for name, values in (("actions", q.actions), ("timestamps", q.timestamps)):
+            if values is not None and len(values) != len(q.history):
+                raise ValueError(f"{name} has {len(values)} entries for a history of {len(q.history)} items")
+        indices = self.vocab.indices(q.history)
+        unknown = [q.history[i] for i in np.flatnonzero(indices < 0)]
+        stored, skip = None, 0
+        if q.seq is not None:
+            if sessions is None:
+                raise ValueError("a query with a seq needs a session store")
+            stored = sessions.get(q.user)
+            held = stored.events if stored is not None else 0
+            if q.seq > held:
+                return _Plan(q, missing=True, held=held)
+            skip = min(held - q.seq, len(q.history))  # events of this request already applied: a retry
+        new = slice(skip, len(q.history))
+        timestamps = np.asarray(q.timestamps if q.timestamps is not None else [np.nan] * len(q.history), np.float64)
+        previous = timestamps[skip - 1] if skip else (stored.last_timestamp if stored is not None else np.nan)
+        gaps = np.zeros(len(q.history), dtype=np.int64)
+        if self.uses_gaps and q.timestamps is not None:
+            gaps[new] = schema.gap_buckets(np.diff(timestamps[new], prepend=previous))
+            if np.isnan(previous) and skip < len(q.history):
+                gaps[skip] = schema.UNK  # the stream's first event (or one after an untimed one) has no gap
+        actions = np.zeros(len(q.history), dtype=np.int64)
+        if self.uses_actions and q.actions is not None:
+            actions[:] = [self.action_index(a) for a in q.actions]
+        keep = skip + np.flatnonzero(indices[new] >= 0)
+        plan = _Plan(q, unknown=unknown, held=0 if stored is None else stored.events)
+        plan.new = (indices[keep], actions[keep], gaps[keep])
+        base = stored if stored is not None else _EMPTY
+        plan.items, plan.actions, plan.gaps = (
+            np.concatenate([getattr(base, f), part])[-self.max_len :]
+            for f, part in zip(("items", "actions", "gaps"), plan.new, strict=True)
+        )
+        plan.seen = np.union1d(base.seen, indices[keep])
+        plan.known = base.known + len(keep)
+        plan.events = max(base.events, (q.seq or 0) + len(q.history))
+        plan.last_timestamp = timestamps[-1] if skip < len(q.history) else base.last_timestamp
+        if stored is not None and not len(keep):
+            plan.mode, plan.cache, plan.hidden = "current", stored.cache, stored.hidden
+        elif stored is not None and stored.cache is not None and len(stored.items) + len(keep) <= self.max_len:
+            plan.mode, plan.cache = "extend", stored.cache
+        return plan
+
+    def _hidden(self, plans: list[_Plan]) -> list[torch.Tensor | None]:
+        """Each plan's hidden state after its last event (None: no known event, popularity)."""
+        hidden: list = [p.hidden for p in plans]
+        full = sorted(
+            (b for b, p in enumerate(plans) if p.mode == "full" and len(p.items)), key=lambda b: len(plans[b].items)
+        )
+        for first in range(0, len(full), ENCODE_BATCH):
+            chunk = full[first : first + ENCODE_BATCH]
+            padded = _pad([(plans[b].items, plans[b].actions, plans[b].gaps) for b in chunk], self.max_len)
+            stores = any(plans[b].query.seq is not None for b in chunk)
+            out, caches = (
+                self.encode(*padded, with_cache=True) if stores else (self.encode(*padded), [None] * len(chunk))
+            )
+            for row, b in enumerate(chunk):
+                hidden[b], plans[b].cache = out[row], caches[row]
+        for b, p in enumerate(plans):
+            if p.mode == "extend":
+                items, actions, gaps = (torch.from_numpy(a) for a in p.new)
+                tokens = self.model.tokens(
+                    self.items.lookup(items), actions if self.uses_actions else None, gaps if self.uses_gaps else None
+                )
+                hidden[b], p.cache = self.lean.extend(tokens, p.cache)
+        return hidden
+
+
+@dataclass
+class Query:
+    """One user's request: raw item IDs oldest first; with ``user`` and ``seq`` (the position of
+    ``history[0]`` in the user's event stream), a stored session's new events."""
+
+    history: list
+    k: int = 10
+    exclude_seen: bool = True
+    allow: list | None = None
+    deny: list | None = None
+    actions: list | None = None
+    timestamps: list | None = None
+    user: object = None
+    seq: int | None = None
+
+
+@dataclass
+class _Plan:
+    query: Query
+    missing: bool = False
+    held: int = 0  # events the store held for the user
+    unknown: list = field(default_factory=list)
+    mode: str = "full"  # "full": encode the window; "extend": the cache by `new`; "current": as stored
+    new: tuple = ()  # (items, actions, gaps) of the request's new known events
+    items: np.ndarray | None = None  # the window after this request
+    actions: np.ndarray | None = None
+    gaps: np.ndarray | None = None
+    seen: np.ndarray | None = None
+    known: int = 0
+    events: int = 0
+    last_timestamp: float = np.nan
+    cache: KVCache | None = None
+    hidden: torch.Tensor | None = None
+
+    def session(self, hidden: torch.Tensor | None) -> Session:
+        return Session(
+            self.items, self.actions, self.gaps, self.seen, self.events, self.known, self.last_timestamp,
+            self.cache, hidden,
+        )  # fmt: skip
+
+
+_EMPTY = Session(
+    *(np.zeros(0, dtype=np.int64) for _ in range(4)), events=0, known=0, last_timestamp=np.nan, cache=None, hidden=None
+)
 
 
 def _per_history(values, n: int, name: str) -> list:
