@@ -261,6 +261,8 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     if args.add_items:
+        if args.index:
+            raise UsageError("--index and --add-items: the added items go into the artifact's own index, if it has one")
         # Adding items works on an artifact alone: no training code is loaded.
         from serve.artifact import ArtifactError
         from serve.catalog import add_items
@@ -273,20 +275,48 @@ def cmd_export(args) -> int:
     from train.export import ExportError, export
 
     try:
-        export(args.source, args.out, args.quant, args.shards, evaluate=not args.no_eval, overwrite=args.overwrite)
+        export(
+            args.source,
+            args.out,
+            args.quant,
+            args.shards,
+            evaluate=not args.no_eval,
+            overwrite=args.overwrite,
+            index=args.index,
+        )
     except ExportError as e:
         raise UsageError(str(e)) from None
     return 0
 
 
+def _choose_search(args) -> None:
+    """--search reaches Recommender.load in every worker process through the environment."""
+    from serve.recommender import SEARCH_ENV
+
+    os.environ[SEARCH_ENV] = args.search
+
+
 def cmd_serve(args) -> int:
     from serve.artifact import ArtifactError
-    from serve.http import run
+    from serve.http import ServeOptions, run
 
+    _choose_search(args)
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
+    for flag, value in (("--batch-window-ms", args.batch_window_ms), ("--session-store-mb", args.session_store_mb)):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.max_batch_users < 1:
+        raise UsageError(f"--max-batch-users must be >= 1, got {args.max_batch_users}")
+    options = ServeOptions(
+        max_body=args.max_body,
+        threads=args.threads,
+        batch_window=args.batch_window_ms / 1000,
+        max_batch_users=args.max_batch_users,
+        session_bytes=int(args.session_store_mb * (1 << 20)),
+    )
     try:
-        run(args.artifact, args.host, args.port, args.workers, args.token_file, args.max_body, args.threads)
+        run(args.artifact, args.host, args.port, args.workers, args.token_file, options)
     except (ArtifactError, ValueError) as e:
         raise UsageError(str(e)) from None
     return 0
@@ -296,6 +326,7 @@ def cmd_score(args) -> int:
     from serve.artifact import ArtifactError
     from serve.offline import ScoringError, score
 
+    _choose_search(args)
     columns = {"user": args.user_col, "item": args.item_col, "time": args.time_col, "action": args.action_col}
     try:
         summary = score(
@@ -380,17 +411,38 @@ def _add_serve(sub) -> None:
     p.add_argument("--quant", choices=("int8", "int4", "fp16", "fp32"), default="int8")
     p.add_argument("--shards", type=Path, help="for the item vocabulary; default: the shards it was trained on")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the artifact on the test split")
+    p.add_argument(
+        "--index",
+        metavar="SPEC",
+        help="also build an approximate item index (FAISS) into the artifact: ivf-sq8, ivf-pq or hnsw, with "
+        "optional parameters, e.g. ivf-sq8:nlist=4096,nprobe=128 (defaults and parameters: serve/index.py)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP recommendations from an artifact")
     p.add_argument("artifact", type=Path)
+    p.add_argument(
+        "--search",
+        choices=("auto", "exact", "index"),
+        default="auto",
+        help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--token-file", type=Path, help="require 'Authorization: Bearer <token>' on /v1")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=2.0,
+        help="under load, how long a batch waits for more concurrent requests (an idle server never waits)",
+    )  # fmt: skip
+    p.add_argument("--max-batch-users", type=int, default=1024, help="users scored in one model batch at most")
+    p.add_argument(
+        "--session-store-mb", type=float, default=256,
+        help="memory for stored user sessions (incremental requests with user + seq), per worker",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="offline top-K for every user of shards or event files, into Parquet")
@@ -404,6 +456,12 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--include-seen", action="store_true", help="also recommend items already in the history")
+    p.add_argument(
+        "--search",
+        choices=("auto", "exact", "index"),
+        default="auto",
+        help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
+    )
     p.add_argument("--user-col", default="user")
     p.add_argument("--item-col", default="item")
     p.add_argument("--time-col", default="timestamp", help="seconds or a timestamp type; used when present")

@@ -1,18 +1,24 @@
 """HTTP recommendations: FastAPI on uvicorn, in front of one ``Recommender``.
 
 - ``POST /v1/recommend``: one user (``{"history": [...], "k": 10}``) or a batch
-  (``{"users": [{"history": [...]}, ...], "k": 10}``); raw item IDs in and out.
+  (``{"users": [{"history": [...]}, ...], "k": 10}``); raw item IDs in and out. With ``"user"``
+  and ``"seq"`` (the position of ``history[0]`` in the user's event stream; 0: the whole history)
+  the server keeps the user's session and computes only the new events (serve.sessions); a user
+  it does not hold is a 409 that asks for the full history. Concurrent requests are scored as one
+  batch (serve.batching).
 - ``GET /v1/model``: the served artifact's metadata and the answering worker's pid.
   ``POST /v1/admin/reload``: load an artifact (by default the same path again); a new artifact
   that fails verification leaves the old one serving. SIGHUP does the same. With ``--workers W``
   a reload reaches every worker or none (``WorkerGroup``).
-- ``GET /healthz`` (the process is up), ``GET /readyz`` (a model is loaded), ``GET /metrics``.
+- ``GET /healthz`` (the process is up), ``GET /readyz`` (a model is loaded and warmed up),
+  ``GET /metrics``, ``GET /openapi.json`` (the API's schema).
 
-With ``--token-file`` every ``/v1`` endpoint wants ``Authorization: Bearer <token>``.
+With ``--token-file`` every ``/v1`` endpoint and the schema want ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import fcntl
 import hmac
@@ -24,30 +30,45 @@ import threading
 import time
 from collections import Counter as Tally
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 from uvicorn.supervisors import Multiprocess
 
 from serve.artifact import ArtifactError
-from serve.recommender import Recommender
+from serve.batching import DEFAULT_MAX_USERS, DEFAULT_WINDOW_S, Batcher, Job
+from serve.recommender import Query, Recommender
+from serve.sessions import DEFAULT_CAPACITY_BYTES, SessionMiss, SessionStore
 
 MAX_K = 1000
 MAX_USERS = 1024
 MAX_BODY_BYTES = 1 << 20
-KNOWN_PATHS = {"/v1/recommend", "/v1/model", "/v1/admin/reload", "/healthz", "/readyz", "/metrics"}
+SCHEMA_PATH = "/openapi.json"
+KNOWN_PATHS = {"/v1/recommend", "/v1/model", "/v1/admin/reload", "/healthz", "/readyz", "/metrics", SCHEMA_PATH}
 RELOAD_TIMEOUT_S = 300.0  # for every worker to load and verify a new artifact (checksums of GBs take a while)
 POLL_S = 0.1  # how often workers look for a reload, and a reload for the workers' answers
 ItemID = StrictInt | StrictStr
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    max_body: int = MAX_BODY_BYTES
+    threads: int | None = None  # torch threads per worker (None: torch's default)
+    batch_window: float = DEFAULT_WINDOW_S  # seconds a batch under load waits for more requests
+    max_batch_users: int = DEFAULT_MAX_USERS
+    session_bytes: int = DEFAULT_CAPACITY_BYTES  # per worker process
+
+
 class UserQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user: ItemID | None = None  # echoed back, never interpreted
+    user: ItemID | None = None  # echoed back; with seq, the key of the user's stored session
+    seq: int | None = Field(None, ge=0)  # position of history[0] in the user's event stream
     history: list[ItemID] = Field(default_factory=list)
     actions: list[ItemID | float] | None = None
     timestamps: list[float] | None = None  # seconds
@@ -60,7 +81,14 @@ class UserQuery(BaseModel):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.history):
                 raise ValueError(f"{name} has {len(values)} entries for {len(self.history)} history items")
+        if self.seq is not None and self.user is None:
+            raise ValueError("seq needs a user (the session it continues)")
         return self
+
+    def query(self, k: int, exclude_seen: bool) -> Query:
+        return Query(
+            self.history, k, exclude_seen, self.allow, self.deny, self.actions, self.timestamps, self.user, self.seq
+        )
 
 
 class RecommendRequest(UserQuery):
@@ -73,6 +101,9 @@ class RecommendRequest(UserQuery):
         single = self.model_fields_set & set(UserQuery.model_fields)
         if self.users is not None and single:
             raise ValueError(f"give either 'users' or one user's fields, not both (got {sorted(single)} too)")
+        sessions = [u.user for u in self.users or () if u.seq is not None]
+        if len(set(sessions)) != len(sessions):
+            raise ValueError("a user with a seq appears more than once")
         return self
 
 
@@ -94,6 +125,34 @@ class ServeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=registry,
         )
+        self.model_batch = Histogram(
+            "lmrec_serve_model_batch_users",
+            "Users per model batch (concurrent requests scored together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "lmrec_serve_queue_wait_seconds",
+            "Time a request waited for the model thread",
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+        self.sessions = Gauge(
+            "lmrec_serve_sessions", "Stored user sessions", registry=registry, multiprocess_mode="livesum"
+        )
+        self.session_bytes = Gauge(
+            "lmrec_serve_session_bytes", "Bytes of stored user sessions", registry=registry, multiprocess_mode="livesum"
+        )
+        self.session_lookups = Counter(
+            "lmrec_serve_session_lookups", "Session lookups of requests with a seq, by result", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.session_evictions = Counter(
+            "lmrec_serve_session_evictions", "Sessions evicted to stay within the store's bytes", registry=registry
+        )
+        for result in ("hit", "miss"):
+            self.session_lookups.labels(result=result)
+        self._counted = {"hit": 0, "miss": 0, "evicted": 0}
         self.model = Gauge(
             "lmrec_serve_model_info",
             "The served artifact (value 1; 0 for the one served before)",
@@ -105,6 +164,27 @@ class ServeMetrics:
         for result in ("ok", "failed"):
             self.reloads.labels(result=result)  # exported as 0 from the start, so rates and alerts work
         self._served: dict | None = None
+
+    def observe_batch(self, users: int, waits: list[float]) -> None:
+        self.model_batch.observe(users)
+        for wait in waits:
+            self.queue_wait.observe(wait)
+
+    def observe_sessions(self, store: SessionStore) -> None:
+        # The store counts in plain integers (it runs in the model thread); exported as deltas.
+        self.sessions.set(len(store))
+        self.session_bytes.set(store.bytes)
+        for name, total, counter in (
+            ("hit", store.hits, self.session_lookups.labels(result="hit")),
+            ("miss", store.misses, self.session_lookups.labels(result="miss")),
+            ("evicted", store.evictions, self.session_evictions),
+        ):
+            if total > self._counted[name]:
+                counter.inc(total - self._counted[name])
+            self._counted[name] = total
+
+    def new_store(self) -> None:
+        self._counted = {"hit": 0, "miss": 0, "evicted": 0}
 
     def serving(self, rec: Recommender) -> None:
         # Set to 0 rather than cleared: with several workers the exposition reads every worker's
@@ -123,24 +203,73 @@ class Service:
     """The served model and its reload: a failed load never replaces a working model. In one of
     several workers, ``group`` makes a reload reach every worker."""
 
-    def __init__(self, artifact: Path, token: str | None, metrics: ServeMetrics, group: WorkerGroup | None = None):
+    def __init__(
+        self,
+        artifact: Path,
+        token: str | None,
+        metrics: ServeMetrics,
+        group: WorkerGroup | None = None,
+        options: ServeOptions = ServeOptions(),
+    ):
         self.artifact, self.token, self.metrics, self.group = Path(artifact), token, metrics, group
-        self.rec = Recommender.load(self.artifact)
-        self.metrics.serving(self.rec)
+        self.options = options
+        rec = Recommender.load(self.artifact)
+        rec.warm_up()
+        # The model and its sessions change together: a session's cache belongs to one model.
+        self.current = (rec, SessionStore(options.session_bytes))
+        self.metrics.serving(rec)
         self._lock = threading.Lock()
+        self.batcher = Batcher(self.run_batch, options.batch_window, options.max_batch_users, metrics.observe_batch)
+
+    @property
+    def rec(self) -> Recommender:
+        return self.current[0]
 
     def load(self, path: Path) -> Recommender:
-        """The artifact at ``path``, verified; ArtifactError (and a failed reload counted) otherwise."""
+        """The artifact at ``path``, verified and warmed up; ArtifactError (and a failed reload
+        counted) otherwise."""
         try:
-            return Recommender.load(path)
+            rec = Recommender.load(path)
         except (ArtifactError, OSError, ValueError) as e:
             self.metrics.reloads.labels(result="failed").inc()
             raise ArtifactError(str(e)) from None
+        rec.warm_up()
+        return rec
 
     def serve(self, rec: Recommender, path: Path) -> None:
-        self.rec, self.artifact = rec, Path(path)
+        self.current, self.artifact = (rec, SessionStore(self.options.session_bytes)), Path(path)
+        self.metrics.new_store()
         self.metrics.serving(rec)
         self.metrics.reloads.labels(result="ok").inc()
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        """The model thread's work: every job's queries in one ``answer`` call, except that a
+        user's session is continued by one request at a time (later ones go in a next round)."""
+        rec, store = self.current
+        pending = jobs
+        while pending:
+            now, later, users = [], [], set()
+            for job in pending:
+                mine = {q.user for q in job.payload if q.seq is not None}
+                if mine & users:
+                    later.append(job)
+                else:
+                    now.append(job)
+                    users |= mine
+            try:
+                answers = iter(rec.answer([q for job in now for q in job.payload], store))
+                for job in now:
+                    job.future.set_result([next(answers) for _ in job.payload])
+            except Exception:  # one request's bad input must not fail the others batched with it
+                for job in now:
+                    if job.future.done():
+                        continue
+                    try:
+                        job.future.set_result(rec.answer(job.payload, store))
+                    except Exception as e:  # noqa: BLE001 - reported to that request
+                        job.future.set_exception(e)
+            pending = later
+        self.metrics.observe_sessions(store)
 
     def reload(self, path: Path | None = None) -> dict:
         """Loads ``path`` (default: the served path again) and serves it: {"version", "path",
@@ -325,6 +454,27 @@ def _reload_and_report(reload) -> None:
     print(f"lmrec serve: reloaded {result['path']}, serving {_describe(result['workers'])}", flush=True)
 
 
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The request body of an endpoint that reads its JSON itself (to bound its size and word its
+    errors), for the OpenAPI schema; its models go to components by ``_schema``."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _schema(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path in schema["paths"].values():
+            for operation in path.values():
+                body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+                components.update(body.get("schema", {}).pop("$defs", {}))
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -340,7 +490,7 @@ def _validation_message(error: ValidationError) -> str:
 def create_app(
     artifact: str | Path,
     token: str | None = None,
-    max_body: int = MAX_BODY_BYTES,
+    options: ServeOptions = ServeOptions(),
     handle_sighup: bool = True,
     group: WorkerGroup | None = None,
 ) -> FastAPI:
@@ -353,9 +503,11 @@ def create_app(
     else:
         exposed = registry
     metrics = ServeMetrics(registry)
-    service = Service(Path(artifact), token, metrics, group)
-    app = FastAPI(title="lmrec", docs_url=None, redoc_url=None, openapi_url=None)
+    service = Service(Path(artifact), token, metrics, group, options)
+    max_body = options.max_body
+    app = FastAPI(title="lmrec", docs_url=None, redoc_url=None, openapi_url=SCHEMA_PATH)
     app.state.service = service
+    app.openapi = lambda: _schema(app)
 
     if handle_sighup and threading.current_thread() is threading.main_thread():
 
@@ -371,7 +523,7 @@ def create_app(
         start = time.perf_counter()
         path = request.url.path
         endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values, whatever clients send
-        if path.startswith("/v1/") and service.token is not None:
+        if (path.startswith("/v1/") or path == SCHEMA_PATH) and service.token is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {service.token}".encode()):
                 response = JSONResponse(
@@ -402,7 +554,7 @@ def create_app(
         except (ValueError, UnicodeDecodeError) as e:
             return None, _error(400, f"malformed JSON: {e}")
 
-    @app.post("/v1/recommend")
+    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest))
     async def recommend(request: Request):
         payload, error = await read_json(request)
         if error is not None:
@@ -415,17 +567,24 @@ def create_app(
             return _error(422, _validation_message(e))
         users = query.users if query.users is not None else [query]
         metrics.batch.observe(len(users))
-        rec = service.rec
-        results = await run_in_threadpool(
-            rec.recommend,
-            [u.history for u in users],
-            query.k,
-            query.exclude_seen,
-            [u.allow for u in users],
-            [u.deny for u in users],
-            [u.actions for u in users] if any(u.actions is not None for u in users) else None,
-            [u.timestamps for u in users] if any(u.timestamps is not None for u in users) else None,
-        )
+        version = service.rec.version
+        future = service.batcher.submit([u.query(query.k, query.exclude_seen) for u in users], len(users))
+        try:
+            results = await asyncio.wrap_future(future)
+        except ValueError as e:
+            return _error(422, str(e))
+        missed = {}
+        for result in results:
+            if isinstance(result, SessionMiss):
+                missed.update(result.missing)
+        if missed:
+            return JSONResponse(
+                {
+                    "error": str(SessionMiss(missed)),
+                    "missing": [{"user": user, "events": held} for user, held in missed.items()],
+                },
+                status_code=409,
+            )
         answers = []
         for user, result in zip(users, results, strict=True):
             answer = result.to_dict()
@@ -433,8 +592,8 @@ def create_app(
                 answer = {"user": user.user, **answer}
             answers.append(answer)
         if query.users is None:
-            return {"model_version": rec.version, **answers[0]}
-        return {"model_version": rec.version, "results": answers}
+            return {"model_version": version, **answers[0]}
+        return {"model_version": version, "results": answers}
 
     @app.get("/v1/model")
     def model_info():
@@ -486,10 +645,11 @@ def read_token(path: Path | None) -> str | None:
 
 def app_from_environment() -> FastAPI:
     """The app of one of several uvicorn worker processes (``--workers W``)."""
-    if "LMREC_SERVE_THREADS" in os.environ:
+    threads = json.loads(os.environ["LMREC_SERVE_OPTIONS"])["threads"]
+    if threads:
         import torch
 
-        torch.set_num_threads(int(os.environ["LMREC_SERVE_THREADS"]))
+        torch.set_num_threads(threads)
     # SIGHUP is the supervisor's to handle; a hangup of the whole process group must not end workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     token = os.environ.get("LMREC_SERVE_TOKEN_FILE")
@@ -498,7 +658,7 @@ def app_from_environment() -> FastAPI:
     app = create_app(
         artifact,
         read_token(Path(token) if token else None),
-        int(os.environ.get("LMREC_SERVE_MAX_BODY", MAX_BODY_BYTES)),
+        ServeOptions(**json.loads(os.environ["LMREC_SERVE_OPTIONS"])),
         handle_sighup=False,
         group=group,
     )
@@ -512,8 +672,7 @@ def run(
     port: int = 8000,
     workers: int = 1,
     token_file: Path | None = None,
-    max_body: int = MAX_BODY_BYTES,
-    threads: int | None = None,
+    options: ServeOptions = ServeOptions(),
 ) -> None:
     import shutil
     import tempfile
@@ -521,12 +680,12 @@ def run(
     import torch
     import uvicorn
 
-    if threads:
-        torch.set_num_threads(threads)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     token = read_token(token_file)
-    options = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 10}
+    server_options = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 10}
     if workers == 1:
-        app = create_app(artifact, token, max_body)
+        app = create_app(artifact, token, options)
 
         # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the
         # handler that was there before it: make that one a clean exit instead of a kill.
@@ -537,7 +696,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stopped)
         print(f"lmrec serve: {artifact} (version {app.state.service.rec.version}) on http://{host}:{port}", flush=True)
-        uvicorn.run(app, **options)
+        uvicorn.run(app, **server_options)
         return
     Recommender.load(artifact)  # fail here, with one clear message, rather than in every worker
     shared = Path(tempfile.mkdtemp(prefix="lmrec-serve-"))
@@ -548,14 +707,13 @@ def run(
         {
             "PROMETHEUS_MULTIPROC_DIR": str(shared / "metrics"),
             "LMREC_SERVE_GROUP": str(group.directory),
-            "LMREC_SERVE_MAX_BODY": str(max_body),
+            "LMREC_SERVE_OPTIONS": json.dumps(asdict(options)),
             **({"LMREC_SERVE_TOKEN_FILE": str(token_file)} if token_file else {}),
-            **({"LMREC_SERVE_THREADS": str(threads)} if threads else {}),
         }
     )
     print(f"lmrec serve: {artifact} on http://{host}:{port} with {workers} workers", flush=True)
     # uvicorn.run(..., workers=W) would do the same with uvicorn's own supervisor.
-    config = uvicorn.Config("serve.http:app_from_environment", factory=True, workers=workers, **options)
+    config = uvicorn.Config("serve.http:app_from_environment", factory=True, workers=workers, **server_options)
     try:
         Supervisor(config, [config.bind_socket()], group).run()
     finally:

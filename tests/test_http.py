@@ -1,5 +1,6 @@
 """The HTTP server as users run it: `lmrec serve` in its own process on a free 127.0.0.1 port."""
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -210,6 +211,71 @@ def test_metrics_count_requests_by_status_and_time_them(secured):
     assert added("lmrec_serve_request_seconds_count", recommend) == 1  # refused requests are not timed
     assert ("lmrec_serve_request_seconds_bucket", (recommend, ("le", "0.005"))) in after
     assert added("lmrec_serve_batch_users_count") == 1
+
+
+def test_sessions_over_http_continue_a_user_and_ask_for_the_full_history_on_a_miss(secured):
+    server, served = secured
+    history = _history(served, 9)
+    url = f"{server.url}/v1/recommend"
+
+    def ask(user, seq, events, status=200):
+        answer = httpx.post(url, json={"user": user, "seq": seq, "history": events, "k": 4}, headers=_auth())
+        assert answer.status_code == status, answer.text
+        return answer.json()
+
+    before = _metrics(server)
+    miss = ask("s1", 3, history[3:6], status=409)
+    assert "send the full history" in miss["error"] and miss["missing"] == [{"user": "s1", "events": 0}]
+    first = ask("s1", 0, history[:6])
+    assert first["events"] == 6
+    assert ask("s1", 6, history[6:9])["events"] == 9
+    full = httpx.post(url, json={"history": history, "k": 4}, headers=_auth()).json()
+    again = ask("s1", 6, history[6:9])  # a retried request: applied once
+    assert again["items"] == full["items"] and again["events"] == 9
+    assert again["scores"] == pytest.approx(full["scores"], rel=1e-4)
+    assert "events" not in full
+    after = _metrics(server)
+    lookups = dict.fromkeys(("hit", "miss"), 0)
+    for result in lookups:
+        key = ("lmrec_serve_session_lookups_total", (("result", result),))
+        lookups[result] = after[key] - before.get(key, 0)
+    assert lookups == {"hit": 2, "miss": 2}  # seq 0 of a new user is a miss that needs nothing more
+    assert after[("lmrec_serve_sessions", ())] >= 1 and after[("lmrec_serve_session_bytes", ())] > 0
+    bad = httpx.post(url, json={"seq": 0, "history": history}, headers=_auth())
+    assert bad.status_code == 422 and "seq needs a user" in bad.json()["error"]
+    twice = {"users": [{"user": "x", "seq": 0, "history": history}] * 2}
+    assert "more than once" in httpx.post(url, json=twice, headers=_auth()).json()["error"]
+
+
+def test_concurrent_requests_are_scored_in_shared_batches(secured):
+    server, served = secured
+    before = _metrics(server)
+    body = {"history": _history(served, 20), "k": 10}
+    requests = 64
+    with httpx.Client(headers=_auth(), timeout=30) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(
+            pool.map(lambda _: client.post(f"{server.url}/v1/recommend", json=body).status_code, range(requests))
+        )
+    assert codes == [200] * requests
+    after = _metrics(server)
+    batches = after[("lmrec_serve_model_batch_users_count", ())] - before.get(
+        ("lmrec_serve_model_batch_users_count", ()), 0
+    )
+    users = after[("lmrec_serve_model_batch_users_sum", ())] - before.get(("lmrec_serve_model_batch_users_sum", ()), 0)
+    assert users == requests and batches < requests  # some requests shared a model batch
+    waits = after[("lmrec_serve_queue_wait_seconds_count", ())] - before.get(
+        ("lmrec_serve_queue_wait_seconds_count", ()), 0
+    )
+    assert waits == requests
+
+
+def test_the_openapi_schema_is_published_behind_the_token(secured):
+    server, _ = secured
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401
+    schema = httpx.get(f"{server.url}/openapi.json", headers=_auth()).json()
+    body = schema["paths"]["/v1/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"history", "user", "seq", "users", "k"} <= set(body["properties"])
+    assert "UserQuery" in schema["components"]["schemas"]
 
 
 def test_reload_over_http_needs_a_token(artifacts):
