@@ -44,20 +44,85 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
+@dataclass
+class _Layer:
+    """A decoder layer's weights as the lean forward uses them: query, key and value projections
+    as one matrix, gate and up projections as another (the modules' parameters become views of
+    them, so nothing is held twice)."""
+
+    norm1: torch.Tensor
+    eps1: float
+    qkv: tuple  # (weight, bias or None)
+    out: tuple
+    norm2: torch.Tensor
+    eps2: float
+    gate_up: tuple
+    down: tuple
+    act: object
+
+    @classmethod
+    def fuse(cls, layer) -> _Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(
+            layer.input_layernorm.weight,
+            layer.input_layernorm.variance_epsilon,
+            _fused(attention.q_proj, attention.k_proj, attention.v_proj),
+            (attention.o_proj.weight, attention.o_proj.bias),
+            layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.variance_epsilon,
+            _fused(mlp.gate_proj, mlp.up_proj),
+            (mlp.down_proj.weight, mlp.down_proj.bias),
+            mlp.act_fn,
+        )
+
+
+def _fused(*linears) -> tuple:
+    """(weight, bias) of linear layers stacked by output rows; each layer's own parameters are
+    made views of the stacked ones."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biased = [lin.bias is not None for lin in linears]
+    if any(biased) and not all(biased):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(biased) else None
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + rows]
+        if bias is not None:
+            lin.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' RMSNorm, less its dtype round trip (serving runs in fp32)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rows(linear: tuple, start: int, stop: int | None = None) -> tuple:
+    weight, bias = linear
+    return weight[start:stop], None if bias is None else bias[start:stop]
+
+
 class LeanDecoder:
-    """Last-position inference over a ``SequenceRecommender``'s backbone (eval mode, no grad)."""
+    """Last-position inference over a ``SequenceRecommender``'s backbone (eval mode, no grad).
+
+    Fusing the projections and norms into fewer, larger calls is measured in
+    benchmarks/serve.py (``latency``): at the ML-1M recipe's size each forward is a few dozen
+    small operations, so their count, not their FLOPs, sets the time."""
 
     def __init__(self, model: SequenceRecommender):
         if not self.supports(model):
             raise ValueError(f"no lean forward for backbone {model.cfg.backbone!r} (have: {LEAN_BACKBONES})")
         self.model = model
         backbone = model.backbone
-        self.layers = list(backbone.layers)
-        self.final_norm = backbone.norm
-        attention = self.layers[0].self_attn
-        self.head_dim = attention.head_dim
+        with torch.no_grad():
+            self.layers = [_Layer.fuse(layer) for layer in backbone.layers]
+        self.final_norm = (backbone.norm.weight, backbone.norm.variance_epsilon)
+        self.head_dim = backbone.layers[0].self_attn.head_dim
         self.heads = backbone.config.num_attention_heads
         self.kv_heads = backbone.config.num_key_value_heads
+        self.q_rows = self.heads * self.head_dim
         positions = torch.arange(model.cfg.max_len).unsqueeze(0)
         probe = torch.zeros(1, dtype=model.input_norm.weight.dtype)
         cos, sin = backbone.rotary_emb(probe, positions)
@@ -82,16 +147,27 @@ class LeanDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, heads, self.head_dim).transpose(1, 2)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, width = x.shape
+        return x.view(b, t, width // self.head_dim, self.head_dim).transpose(1, 2)
 
-    def _attend(self, layer, q, k, v, mask=None, causal=False) -> torch.Tensor:
+    def _attend(self, layer: _Layer, q, k, v, mask=None, causal=False) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
         )
         b, _, t, _ = out.shape
-        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return F.linear(out.transpose(1, 2).reshape(b, t, -1), *layer.out)
+
+    @staticmethod
+    def _feed_forward(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(_norm(x, layer.norm2, layer.eps2), *layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(layer.act(gate) * up, *layer.down)
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor, positions) -> tuple:
+        """Rotated queries and keys, and values, of (B, T, D) normed states at ``positions``."""
+        qkv = self._heads(F.linear(h, *layer.qkv))
+        qk = self._rotate(qkv[:, : self.heads + self.kv_heads], positions)
+        return qk[:, : self.heads], qk[:, self.heads :], qkv[:, self.heads + self.kv_heads :]
 
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, with_cache: bool = False):
@@ -102,33 +178,28 @@ class LeanDecoder:
         rows = torch.arange(b)
         x = tokens
         keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            k = self._rotate(self._split(attention.k_proj(h), self.kv_heads), slice(0, t))
-            v = self._split(attention.v_proj(h), self.kv_heads)
-            if with_cache:
-                keys.append(k)
-                values.append(v)
-            if i < len(self.layers) - 1:
-                q = self._rotate(self._split(attention.q_proj(h), self.heads), slice(0, t))
-                # Right padding needs no mask under causal attention: real positions only see real ones.
-                x = x + self._attend(layer, q, k, v, causal=True)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-                continue
-            h_last = h[rows, last].unsqueeze(1)  # (B, 1, D)
-            q = self._rotate(self._split(attention.q_proj(h_last), self.heads), last)
-            visible = (torch.arange(t) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
-            x = x[rows, last].unsqueeze(1) + self._attend(layer, q, k, v, mask=visible)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden = self.final_norm(x)[:, 0].float()
+        for layer in self.layers[:-1]:
+            h = _norm(x, layer.norm1, layer.eps1)
+            q, k, v = self._qkv(layer, h, slice(0, t))
+            keys.append(k)
+            values.append(v)
+            # Right padding needs no mask under causal attention: real positions only see real ones.
+            x = self._feed_forward(layer, x + self._attend(layer, q, k, v, causal=True))
+        layer = self.layers[-1]
+        h = _norm(x, layer.norm1, layer.eps1)
+        kv = self._heads(F.linear(h, *_rows(layer.qkv, self.q_rows)))
+        k, v = self._rotate(kv[:, : self.kv_heads], slice(0, t)), kv[:, self.kv_heads :]
+        keys.append(k)
+        values.append(v)
+        q = self._rotate(self._heads(F.linear(h[rows, last].unsqueeze(1), *_rows(layer.qkv, 0, self.q_rows))), last)
+        visible = (torch.arange(t) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        x = self._feed_forward(layer, x[rows, last].unsqueeze(1) + self._attend(layer, q, k, v, mask=visible))
+        hidden = _norm(x, *self.final_norm)[:, 0].float()
         if not with_cache:
             return hidden
         caches = [
-            KVCache(
-                [k[r, :, : int(lengths[r])].clone() for k in keys], [v[r, :, : int(lengths[r])].clone() for v in values]
-            )
-            for r in range(b)
+            KVCache([k[r, :, : int(n)].clone() for k in keys], [v[r, :, : int(n)].clone() for v in values])
+            for r, n in enumerate(lengths.tolist())
         ]
         return hidden, caches
 
@@ -141,26 +212,17 @@ class LeanDecoder:
             raise ValueError(f"{n} cached + {m} new positions pass the model's window of {self.cos.shape[0]}")
         x = tokens.unsqueeze(0)
         # New position n + j sees cached positions and new ones up to itself.
-        mask = None
-        if m > 1:
-            mask = torch.arange(n + m)[None, :] <= (n + torch.arange(m))[:, None]
+        mask = torch.arange(n + m)[None, :] <= (n + torch.arange(m))[:, None] if m > 1 else None
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            k = torch.cat(
-                (cache.keys[i], self._rotate(self._split(attention.k_proj(h), self.kv_heads), slice(n, n + m))[0]),
-                dim=1,
-            )
-            v = torch.cat((cache.values[i], self._split(attention.v_proj(h), self.kv_heads)[0]), dim=1)
+            h = _norm(x, layer.norm1, layer.eps1)
+            q, k, v = self._qkv(layer, h, slice(n, n + m))
+            k, v = torch.cat((cache.keys[i], k[0]), dim=1), torch.cat((cache.values[i], v[0]), dim=1)
             keys.append(k)
             values.append(v)
             if i == len(self.layers) - 1:  # the last layer: the last new position only
-                h, x = h[:, -1:], x[:, -1:]
-                q = self._rotate(self._split(attention.q_proj(h), self.heads), slice(n + m - 1, n + m))
-                x = x + self._attend(layer, q, k[None], v[None])
+                x = x[:, -1:] + self._attend(layer, q[:, :, -1:], k[None], v[None])
             else:
-                q = self._rotate(self._split(attention.q_proj(h), self.heads), slice(n, n + m))
                 x = x + self._attend(layer, q, k[None], v[None], mask=mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.final_norm(x)[0, -1].float(), KVCache(keys, values)
+            x = self._feed_forward(layer, x)
+        return _norm(x, *self.final_norm)[0, -1].float(), KVCache(keys, values)

@@ -418,6 +418,7 @@ def _score_parts(rec, artifact, parts: list[Part], out: Path, k, exclude_seen, b
         for task in tasks:
             users += _score_part(task)[1]
             bar.update()
+            bar.set_postfix_str(f"{users / max(bar.format_dict['elapsed'], 1e-9):,.0f} users/s")
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
@@ -425,6 +426,7 @@ def _score_parts(rec, artifact, parts: list[Part], out: Path, k, exclude_seen, b
             for _, n in pool.imap_unordered(_score_part, tasks):
                 users += n
                 bar.update()
+                bar.set_postfix_str(f"{users / max(bar.format_dict['elapsed'], 1e-9):,.0f} users/s")
     bar.close()
     return len(tasks), users
 

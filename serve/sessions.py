@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,13 +50,14 @@ class Session:
     cache: KVCache | None  # of the window; None when the model has no cached forward or no known event
     hidden: torch.Tensor | None  # the hidden state after the window's last event
 
-    @property
-    def nbytes(self) -> int:
+    nbytes: int = field(init=False)  # a session is not changed once stored: counted once
+
+    def __post_init__(self):
         arrays = sum(a.nbytes for a in (self.items, self.actions, self.gaps, self.seen))
         tensors = (self.cache.nbytes if self.cache is not None else 0) + (
             self.hidden.numel() * self.hidden.element_size() if self.hidden is not None else 0
         )
-        return arrays + tensors + 256  # the objects around them, roughly
+        self.nbytes = arrays + tensors + 256  # the objects around them, roughly
 
 
 class SessionStore:
