@@ -62,3 +62,15 @@ def test_backbones_without_a_lean_forward_are_reported():
     assert not LeanDecoder.supports(model)
     with pytest.raises(ValueError, match="no lean forward for backbone 'gpt2'"):
         LeanDecoder(model)
+
+
+def test_encoding_in_several_passes_equals_one(monkeypatch):
+    model = _tiny()
+    lean = LeanDecoder(model)
+    items, lengths = torch.randn(5, MAX_LEN, 16), torch.tensor([MAX_LEN, 2, 5, 9, 1])
+    tokens = model.tokens(items)
+    whole, whole_caches = lean.encode(tokens, lengths, with_cache=True)
+    monkeypatch.setattr("model.inference.ROWS_PER_PASS", 2)
+    parts, part_caches = lean.encode(tokens, lengths, with_cache=True)
+    torch.testing.assert_close(parts, whole, **TOL)
+    assert [c.length for c in part_caches] == lengths.tolist() == [c.length for c in whole_caches]
