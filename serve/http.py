@@ -454,6 +454,48 @@ def _reload_and_report(reload) -> None:
     print(f"lmrec serve: reloaded {result['path']}, serving {_describe(result['workers'])}", flush=True)
 
 
+class Observe:
+    """Counts and times every request and checks the bearer token, as plain ASGI middleware
+    (Starlette's ``@app.middleware("http")`` costs about as much as a whole /healthz answer)."""
+
+    def __init__(self, app, service: Service, metrics: ServeMetrics):
+        self.app, self.service, self.metrics = app, service, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values, whatever clients send
+        token = self.service.token
+        if token is not None and (path.startswith("/v1/") or path == SCHEMA_PATH):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                refused = JSONResponse(
+                    {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                self.metrics.requests.labels(endpoint=endpoint, status="401").inc()
+                return await refused(scope, receive, send)
+        status = 500  # what the client sees when the app fails before answering
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
+def _json(value) -> Response:
+    # json.dumps directly: FastAPI's encoder walks every value of a returned dict first.
+    return Response(json.dumps(value), media_type="application/json")
+
+
 def _body_schema(model: type[BaseModel]) -> dict:
     """The request body of an endpoint that reads its JSON itself (to bound its size and word its
     errors), for the OpenAPI schema; its models go to components by ``_schema``."""
@@ -518,25 +560,7 @@ def create_app(
 
         signal.signal(signal.SIGHUP, on_sighup)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        endpoint = path if path in KNOWN_PATHS else "other"  # bounded label values, whatever clients send
-        if (path.startswith("/v1/") or path == SCHEMA_PATH) and service.token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {service.token}".encode()):
-                response = JSONResponse(
-                    {"error": "missing or wrong bearer token"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                metrics.requests.labels(endpoint=endpoint, status="401").inc()
-                return response
-        response = await call_next(request)
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, service=service, metrics=metrics)
 
     async def read_json(request: Request, empty=None):
         declared = request.headers.get("content-length")
@@ -592,8 +616,8 @@ def create_app(
                 answer = {"user": user.user, **answer}
             answers.append(answer)
         if query.users is None:
-            return {"model_version": version, **answers[0]}
-        return {"model_version": version, "results": answers}
+            return _json({"model_version": version, **answers[0]})
+        return _json({"model_version": version, "results": answers})
 
     @app.get("/v1/model")
     def model_info():
