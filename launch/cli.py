@@ -431,7 +431,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: the worker's share of the cores, less one)"
+    )
     p.add_argument("--token-file", type=Path, help="require 'Authorization: Bearer <token>' on /v1")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument(

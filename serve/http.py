@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter as Tally
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -59,7 +59,7 @@ ItemID = StrictInt | StrictStr
 @dataclass(frozen=True)
 class ServeOptions:
     max_body: int = MAX_BODY_BYTES
-    threads: int | None = None  # torch threads per worker (None: torch's default)
+    threads: int | None = None  # torch threads per worker (None: default_threads)
     batch_window: float = DEFAULT_WINDOW_S  # seconds a batch under load waits for more requests
     max_batch_users: int = DEFAULT_MAX_USERS
     session_bytes: int = DEFAULT_CAPACITY_BYTES  # per worker process
@@ -655,6 +655,12 @@ def create_app(
     return app
 
 
+def default_threads(workers: int) -> int:
+    """Torch threads per worker: the worker's share of the cores, less one for its HTTP thread
+    (the event loop parses and answers requests while the model thread runs a batch)."""
+    return max(1, (os.cpu_count() or 1) // workers - 1)
+
+
 def read_token(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -669,11 +675,9 @@ def read_token(path: Path | None) -> str | None:
 
 def app_from_environment() -> FastAPI:
     """The app of one of several uvicorn worker processes (``--workers W``)."""
-    threads = json.loads(os.environ["LMREC_SERVE_OPTIONS"])["threads"]
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(json.loads(os.environ["LMREC_SERVE_OPTIONS"])["threads"])
     # SIGHUP is the supervisor's to handle; a hangup of the whole process group must not end workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     token = os.environ.get("LMREC_SERVE_TOKEN_FILE")
@@ -704,8 +708,8 @@ def run(
     import torch
     import uvicorn
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    options = replace(options, threads=options.threads or default_threads(workers))
+    torch.set_num_threads(options.threads)
     token = read_token(token_file)
     server_options = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 10}
     if workers == 1:
