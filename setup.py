@@ -9,7 +9,7 @@ setup(
     description="Generative recommenders as causal language models over behavior tokens",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_data={"launch": ["monitoring/*"]},
+    package_data={"launch": ["monitoring/*"], "serve": ["*.c"]},  # serve/topk.c: compiled on first use
     install_requires=["numpy", "pyarrow", "pyyaml", "pydantic", "tqdm"],
     extras_require={
         # torchrec, fbgemm and deepspeed are installed by `make install` in the order that works.
@@ -32,8 +32,9 @@ setup(
             "uvicorn",
             "httpx",
             "prometheus-client",
+            "faiss-cpu",
         ],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "schemathesis", "ruff"],
     },
     entry_points={"console_scripts": ["lmrec=launch.cli:main"]},
 )

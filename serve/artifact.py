@@ -16,6 +16,8 @@ An artifact is a directory:
 - ``text.safetensors`` (text-aware models only): the text-token table, quantized like the dense
   weights. With the projection in ``model.safetensors`` and the encoder and tokenizer named in
   ``config.json`` (``text``), it is what builds the vector of an item added from text alone.
+- ``index.faiss`` (artifacts exported with ``--index`` only): an approximate nearest-neighbour
+  index of the stored rows (serve.index); ``config.json`` names it and its parameters (``index``).
 - ``manifest.json``: format version, size and sha256 of every other file, the source checkpoint,
   and the evaluation metrics measured on this artifact at export time.
 """
@@ -167,11 +169,12 @@ class ArtifactWriter:
             raise ArtifactError("the item vocabulary is empty")
 
     def seal(self) -> Path:
-        """Closes the data files and writes config and manifest; returns the temporary directory."""
+        """Closes the data files and writes config and manifest; returns the temporary directory.
+        Sealing again after adding a file (the item index) lists it too."""
         if self._items is not None:
             self._items.close()
             self._items = None
-            write_json_atomic(self.dir / CONFIG, self.config)
+        write_json_atomic(self.dir / CONFIG, self.config)
         files = sorted(p.name for p in self.dir.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
         for required in (CONFIG, MODEL, ITEMS, VOCAB):
             if required not in files:
@@ -248,6 +251,9 @@ def read(path: Path, check: bool = True) -> tuple[dict, dict, dict[str, np.ndarr
     config = _read_json(path / CONFIG)
     if config.get("quant") not in QUANTS or "model" not in config or "items" not in config:
         raise ArtifactError(f"{path / CONFIG}: missing or invalid 'quant', 'model' or 'items'")
+    index = config.get("index")
+    if index is not None and check and index.get("file") not in manifest.get("files", {}):
+        raise ArtifactError(f"{path / MANIFEST}: lists no {index.get('file')}, the item index {CONFIG} names")
     try:
         dense = dequantize_dense(map_tensors(path / MODEL))
         items = map_tensors(path / ITEMS)

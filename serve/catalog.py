@@ -95,7 +95,7 @@ def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False
     import pyarrow as pa
 
     source, out = Path(source), Path(out)
-    rec = Recommender.load(source)
+    rec = Recommender.load(source, search="exact")  # its index, if any, is extended below, not searched
     if not rec.model.cfg.uses_text:
         raise ArtifactError(
             f"{source}: an ID-only model cannot place an item it was not trained on; train with model.item_text "
@@ -139,5 +139,14 @@ def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False
         writer.manifest["source"] = {**(rec.manifest.get("source") or {}), "added_to": str(source)}
         writer.manifest["metrics"] = rec.manifest.get("metrics")
         writer.manifest["added_items"] = {"file": str(items_file), "items": len(ids)}
+        if "index" in config:
+            # The new rows go into the source's index as stored (quantized), like every other row.
+            from serve import index as item_index
+
+            staged = writer.seal()
+            table = Recommender.load(staged, verify=False, search="exact").items
+            writer.config["index"] = item_index.extend(source, table, old_rows, staged, config["index"])
+            del table
+            writer.seal()
     log(f"added {len(ids):,} items from text to {source} as {out} ({rows:,} rows)")
     return out

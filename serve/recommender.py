@@ -1,16 +1,20 @@
 """Recommendations from an exported artifact: raw item IDs in, top-K raw item IDs out.
 
-The item table stays as stored (int8, int4, fp16 or fp32) and memory-mapped. Ranking walks it in
-row blocks: a quantized block is converted to float codes, multiplied with the queries, and the
-row-wise scale and offset are applied to the (queries x block) scores afterwards, so the whole
-table is never dequantized. fp32 and fp16 blocks are scored by the model's own ``scores``, which
-makes an fp32 artifact rank exactly like the training evaluator.
+The item table stays as stored (int8, int4, fp16 or fp32) and memory-mapped. Exact ranking of an
+int8 table goes through a compiled kernel (serve.topk) that keeps the few rows that can be in the
+top k, rescored exactly here; otherwise ranking walks the table in row blocks: a quantized block
+is converted to float codes, multiplied with the queries, and the row-wise scale and offset are
+applied to the (queries x block) scores afterwards, so the whole table is never dequantized. fp32
+and fp16 blocks are scored by the model's own ``scores``, which makes an fp32 artifact rank
+exactly like the training evaluator. An artifact with an approximate item index (serve.index)
+ranks through it unless loaded with ``search="exact"``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,12 +26,15 @@ from data import schema
 from model.config import ModelConfig, RecommenderConfig
 from model.inference import KVCache, LeanDecoder
 from model.modeling import SequenceRecommender
-from serve import artifact
+from serve import artifact, topk
 from serve.artifact import OFFSET, SCALE
+from serve.index import SEARCHES, ItemIndex
 from serve.sessions import Session, SessionMiss, SessionStore
 
 BLOCK_ROWS = 1 << 14  # rows scored at a time: a few MiB of float temporaries at common widths
 ENCODE_BATCH = 256
+STATS_ROWS = 1 << 16  # rows converted at a time for the row norms computed at load
+SEARCH_ENV = "LMREC_SEARCH"  # the default search of Recommender.load (set by lmrec serve/score --search)
 
 
 @dataclass
@@ -45,7 +52,11 @@ class Recommendation:
 
 
 class ItemTable:
-    """The stored item table: dequantized rows for model inputs, block-wise scores for ranking."""
+    """The stored item table: dequantized rows for model inputs, block-wise scores for ranking.
+
+    A quantized row scores as ``alpha * (query . levels) + beta * sum(query)`` (then divided by the
+    temperature when the model normalizes): ``alpha`` and ``beta`` fold the row's scale, offset
+    and, for a normalizing model, its inverse norm, computed once from the stored rows."""
 
     def __init__(self, tensors: dict[str, np.ndarray], quant: str, dim: int, normalize: bool, block_rows: int):
         self.quant, self.dim, self.normalize, self.block_rows = quant, dim, normalize, block_rows
@@ -53,14 +64,32 @@ class ItemTable:
         self.rows = self.codes.shape[0]
         self.scale = torch.from_numpy(tensors["items" + SCALE]) if quant in ("int8", "int4") else None
         self.offset = torch.from_numpy(tensors["items" + OFFSET]) if quant in ("int8", "int4") else None
-        # Quantized scores need each row's norm; computed once from the stored rows, (V,) floats.
-        self.inv_norm = None
-        if normalize and self.scale is not None:
-            self.inv_norm = torch.empty(self.rows)
-            for start in range(0, self.rows, block_rows):
-                stop = min(self.rows, start + block_rows)
-                norm = self.dequantize(start, stop).norm(dim=1)
-                self.inv_norm[start:stop] = 1.0 / norm.clamp(min=1e-12)
+        self.alpha = self.beta = self.candidates = None
+        if self.scale is None:
+            return
+        self.alpha, self.beta = self.scale.clone(), self._bias(self.scale, self.offset).clone()
+        kernel = topk.kernel() if quant == "int8" else None
+        if not normalize and kernel is None:
+            return
+        # One pass over the codes: each row's sum and sum of squares of levels give its norm
+        # (value = level * scale + bias) and, for the int8 kernel's error bounds, the codes' norm.
+        code_norms = torch.empty(self.rows) if kernel is not None else None
+        for start in range(0, self.rows, STATS_ROWS):
+            stop = min(self.rows, start + STATS_ROWS)
+            levels = self._levels(self.codes[start:stop])
+            squares = (levels * levels).sum(1).double()
+            if normalize:
+                scale, bias = self.alpha[start:stop].double(), self.beta[start:stop].double()
+                norm = scale**2 * squares + 2 * scale * bias * levels.sum(1).double() + dim * bias**2
+                inv_norm = (1.0 / norm.clamp(min=0).sqrt().clamp(min=1e-12)).float()
+                self.alpha[start:stop] *= inv_norm
+                self.beta[start:stop] *= inv_norm
+            if code_norms is not None:
+                code_norms[start:stop] = squares.sqrt().float()
+        if kernel is not None:
+            self.candidates = topk.Int8Candidates(
+                kernel, tensors["items"], self.alpha.numpy(), self.beta.numpy(), code_norms.numpy(), schema.FIRST_INDEX
+            )
 
     def _levels(self, codes: torch.Tensor) -> torch.Tensor:
         """Float code values: int8 as is, int4 unpacked (low nibble first)."""
@@ -90,17 +119,27 @@ class ItemTable:
         offset = self.offset[flat] if self.offset is not None else None
         return self._rows(self.codes[flat], scale, offset).reshape(*indices.shape, self.dim)
 
+    def _query(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(hidden, dim=-1) if self.normalize else hidden
+
     def scores(self, model: SequenceRecommender, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if self.scale is None:
             return model.scores(hidden, self.codes[start:stop].float())
-        query = F.normalize(hidden, dim=-1) if self.normalize else hidden
-        scale, offset = self.scale[start:stop], self.offset[start:stop]
-        raw = (query @ self._levels(self.codes[start:stop]).T) * scale + query.sum(1, keepdim=True) * self._bias(
-            scale, offset
-        )
-        if self.normalize:
-            return raw * self.inv_norm[start:stop] / model.cfg.temperature
-        return raw
+        query = self._query(hidden)
+        raw = (query @ self._levels(self.codes[start:stop]).T) * self.alpha[start:stop]
+        raw += query.sum(1, keepdim=True) * self.beta[start:stop]
+        return raw / model.cfg.temperature if self.normalize else raw
+
+    def row_scores(self, model: SequenceRecommender, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Scores of each query (B, D) against its own rows (B, M), as ``scores`` computes them."""
+        b, m = rows.shape
+        if self.scale is None:
+            pairs = hidden[:, None, :].expand(b, m, self.dim).reshape(-1, self.dim)
+            return model.pair_scores(pairs, self.codes[rows.reshape(-1)].float()).reshape(b, m)
+        query = self._query(hidden)
+        levels = self._levels(self.codes[rows.reshape(-1)]).reshape(b, m, self.dim)
+        raw = (levels @ query[:, :, None])[..., 0] * self.alpha[rows] + query.sum(1, keepdim=True) * self.beta[rows]
+        return raw / model.cfg.temperature if self.normalize else raw
 
 
 class Vocabulary:
@@ -176,6 +215,7 @@ class Recommender:
         self.lean = LeanDecoder(self.model) if LeanDecoder.supports(self.model) else None
         self.quant = config["quant"]
         self.items = ItemTable(items, self.quant, config["items"]["dim"], self.model.cfg.normalize, block_rows)
+        self.index = None  # an approximate item index (serve.index) when loaded with one
         self.vocab = Vocabulary(vocab, self.items.rows)
         self.max_len = self.model.cfg.max_len
         self.uses_actions = self.model.action_embeddings is not None
@@ -185,12 +225,23 @@ class Recommender:
         self.version = digest[:12]
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS) -> Recommender:
-        """Checks format version and checksums (``verify``), memory-maps the item table."""
+    def load(
+        cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS, search: str | None = None
+    ) -> Recommender:
+        """Checks format version and checksums (``verify``), memory-maps the item table. ``search``:
+        ``auto`` ranks with the artifact's approximate item index when it has one, ``index``
+        requires one, ``exact`` scores every item; default: $LMREC_SEARCH, else auto."""
         import pyarrow
 
+        search = search or os.environ.get(SEARCH_ENV) or "auto"
+        if search not in SEARCHES:
+            raise artifact.ArtifactError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows=block_rows)
         pyarrow.default_memory_pool().release_unused()  # the vocabulary's Parquet decode buffers
+        if search == "index" and "index" not in rec.config:
+            raise artifact.ArtifactError(f"{rec.path}: has no item index to search (export it with --index)")
+        if search != "exact" and "index" in rec.config:
+            rec.index = ItemIndex(rec.path, rec.config["index"])
         return rec
 
     def info(self) -> dict:
@@ -247,21 +298,69 @@ class Recommender:
         allow = allow or [None] * n
         best_scores = torch.full((n, k), -torch.inf)
         best_items = torch.zeros((n, k), dtype=torch.int64)
-        open_rows = [b for b in range(n) if allow[b] is None]
         for b in range(n):
             if allow[b] is not None:
                 best_scores[b], best_items[b] = self._top_k_allowed(hidden, b, k, exclude[b], allow[b])
-        if not open_rows:
-            return best_scores, best_items
-        rows = torch.tensor(open_rows)
-        mask_rows = torch.from_numpy(np.concatenate([np.full(len(exclude[b]), i) for i, b in enumerate(open_rows)]))
-        mask_items = torch.from_numpy(np.concatenate([exclude[b] for b in open_rows]).astype(np.int64))
+        pending = [b for b in range(n) if allow[b] is None]
+        if hidden is not None and pending:
+            if self.index is not None:
+                pending = self._top_k_index(hidden, k, exclude, pending, best_scores, best_items)
+            pending = self._top_k_candidates(hidden, k, exclude, pending, best_scores, best_items)
+        if pending:
+            self._top_k_blocks(hidden, k, exclude, pending, best_scores, best_items)
+        return best_scores, best_items
+
+    def _top_k_index(self, hidden, k: int, exclude: list, pending: list[int], best_scores, best_items) -> list[int]:
+        """The approximate index's neighbours, filtered and rescored exactly; returns the rows it
+        could not answer (too few neighbours left after the filter)."""
+        found = self.index.candidates(self.items._query(hidden[pending]), k, [exclude[b] for b in pending])
+        answered = [(b, rows) for b, rows in zip(pending, found, strict=True) if rows is not None]
+        if answered:
+            self._rescore(hidden, k, answered, best_scores, best_items)
+        return [b for b, rows in zip(pending, found, strict=True) if rows is None]
+
+    def _top_k_candidates(
+        self, hidden, k: int, exclude: list, pending: list[int], best_scores, best_items
+    ) -> list[int]:
+        """Exact top-k of an int8 table from the compiled kernel's candidates; returns the rows
+        it leaves to the block path (non-finite queries, too many rows too close to call)."""
+        if self.items.candidates is None:
+            return pending
+        finite = [b for b, ok in zip(pending, torch.isfinite(hidden[pending]).all(1).tolist(), strict=True) if ok]
+        if not finite:
+            return pending
+        found = self.items.candidates.candidates(self.items._query(hidden[finite]), k, [exclude[b] for b in finite])
+        answered = [(b, rows) for b, rows in zip(finite, found, strict=True) if rows is not None]
+        if answered:
+            self._rescore(hidden, k, answered, best_scores, best_items)
+        done = {b for b, _ in answered}
+        return [b for b in pending if b not in done]
+
+    def _rescore(self, hidden, k: int, answered: list[tuple[int, np.ndarray]], best_scores, best_items) -> None:
+        """The best k of each query's candidate rows by their exact scores."""
+        width = max(k, max(len(rows) for _, rows in answered))
+        rows = torch.zeros((len(answered), width), dtype=torch.int64)
+        valid = torch.zeros((len(answered), width), dtype=torch.bool)
+        for i, (_, found) in enumerate(answered):
+            rows[i, : len(found)] = torch.from_numpy(found)
+            valid[i, : len(found)] = True
+        which = [b for b, _ in answered]
+        scores = self.items.row_scores(self.model, hidden[which], rows).nan_to_num(nan=-torch.inf)
+        scores[~valid] = -torch.inf
+        top, order = scores.topk(k, dim=1)
+        best_scores[which], best_items[which] = top, rows.gather(1, order)
+
+    def _top_k_blocks(self, hidden, k: int, exclude: list, pending: list[int], best_scores, best_items) -> None:
+        """Every row scored, a block at a time: popularity, tables without the kernel, and the rest."""
+        rows = torch.tensor(pending)
+        mask_rows = torch.from_numpy(np.concatenate([np.full(len(exclude[b]), i) for i, b in enumerate(pending)]))
+        mask_items = torch.from_numpy(np.concatenate([exclude[b] for b in pending]).astype(np.int64))
         scores_open, items_open = best_scores[rows], best_items[rows]
         query = hidden[rows] if hidden is not None else None
         for start in range(0, self.items.rows, self.items.block_rows):
             stop = min(self.items.rows, start + self.items.block_rows)
             if query is None:
-                block = self.vocab.popularity[start:stop].expand(len(open_rows), -1).clone()
+                block = self.vocab.popularity[start:stop].expand(len(pending), -1).clone()
             else:
                 # A diverged model's NaN scores rank last (the metrics' rule), not first as topk ranks NaN.
                 block = self.items.scores(self.model, query, start, stop).nan_to_num(nan=-torch.inf)
@@ -275,7 +374,6 @@ class Recommender:
             scores_open, order = merged_scores.topk(k, dim=1)
             items_open = merged_items.gather(1, order)
         best_scores[rows], best_items[rows] = scores_open, items_open
-        return best_scores, best_items
 
     def _top_k_allowed(self, hidden, b: int, k: int, exclude: np.ndarray, allow: np.ndarray):
         candidates = np.setdiff1d(allow[allow >= schema.FIRST_INDEX], exclude)
@@ -359,23 +457,20 @@ class Recommender:
         if len(set(users)) != len(users):
             raise ValueError("a user with a seq appears more than once in one request")
         plans = [self._plan(q, sessions) for q in queries]
-        missed = [b for b, p in enumerate(plans) if p.missing]
-        if missed:  # answered as misses; the others go on (a client resends them: seq makes that a retry)
-            answered = self.answer([q for b, q in enumerate(queries) if b not in set(missed)], sessions)
-            out = iter(answered)
-            return [
-                SessionMiss({plans[b].query.user: plans[b].held}) if b in missed else next(out)
-                for b in range(len(plans))
-            ]
+        # Misses are answered as such; the others go on (a client resends them: seq makes that a retry).
+        answered = iter(self._answer([p for p in plans if not p.missing], sessions))
+        return [SessionMiss({p.query.user: p.held}) if p.missing else next(answered) for p in plans]
+
+    def _answer(self, plans: list[_Plan], sessions: SessionStore | None) -> list[Recommendation]:
+        if not plans:
+            return []
         hidden = self._hidden(plans)
-        k = max(q.k for q in queries)
-        exclude = []
+        k = max(p.query.k for p in plans)
+        exclude, allow = [], []
         for p in plans:
-            parts = [p.seen] if p.query.exclude_seen else []
-            if p.query.deny is not None:
-                parts.append(self.vocab.indices(p.query.deny))
-            exclude.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
-        allow = [None if q.allow is None else self.vocab.indices(q.allow) for q in queries]
+            seen = p.seen if p.query.exclude_seen else _NOTHING  # sorted and unique already
+            exclude.append(seen if p.query.deny is None else np.union1d(seen, self.vocab.indices(p.query.deny)))
+            allow.append(None if p.query.allow is None else self.vocab.indices(p.query.allow))
         scores = torch.full((len(plans), k), -torch.inf)
         items = torch.zeros((len(plans), k), dtype=torch.int64)
         model_rows = [b for b, h in enumerate(hidden) if h is not None]
@@ -398,7 +493,7 @@ class Recommender:
                     events=p.events if p.query.seq is not None else None,
                 )
             )
-            if p.query.seq is not None and sessions is not None:
+            if p.query.seq is not None:
                 sessions.put(p.query.user, p.session(hidden[b]))
         return results
 
@@ -426,10 +521,12 @@ class Recommender:
                 return _Plan(q, missing=True, held=held)
             skip = min(held - q.seq, len(q.history))  # events of this request already applied: a retry
         new = slice(skip, len(q.history))
-        timestamps = np.asarray(q.timestamps if q.timestamps is not None else [np.nan] * len(q.history), np.float64)
-        previous = timestamps[skip - 1] if skip else (stored.last_timestamp if stored is not None else np.nan)
+        timestamps = np.asarray(
+            q.timestamps if q.timestamps is not None else np.full(len(q.history), np.nan), np.float64
+        )
         gaps = np.zeros(len(q.history), dtype=np.int64)
         if self.uses_gaps and q.timestamps is not None:
+            previous = timestamps[skip - 1] if skip else (stored.last_timestamp if stored is not None else np.nan)
             gaps[new] = schema.gap_buckets(np.diff(timestamps[new], prepend=previous))
             if np.isnan(previous) and skip < len(q.history):
                 gaps[skip] = schema.UNK  # the stream's first event (or one after an untimed one) has no gap
@@ -520,6 +617,7 @@ class _Plan:
         )  # fmt: skip
 
 
+_NOTHING = np.zeros(0, dtype=np.int64)
 _EMPTY = Session(
     *(np.zeros(0, dtype=np.int64) for _ in range(4)), events=0, known=0, last_timestamp=np.nan, cache=None, hidden=None
 )

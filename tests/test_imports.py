@@ -27,7 +27,8 @@ RULES = {
         "polars",
         "pyarrow",
     ],
-    "serve": ["train", "launch", "deepspeed", "torchrec", "webdataset", "polars", "duckdb"],
+    # FAISS only when an artifact with an item index is loaded or built.
+    "serve": ["train", "launch", "deepspeed", "torchrec", "webdataset", "polars", "duckdb", "faiss"],
     "launch": ["train", "deepspeed", "torchrec"],  # the CLI imports train lazily, inside subcommands
 }
 

@@ -190,7 +190,7 @@ def test_served_artifact_recommends_an_item_added_from_text(text_run, tmp_path):
 
     shards, run, _ = text_run
     art, grown = tmp_path / "art", tmp_path / "grown"
-    run_cli("export", run / "best", "--out", art, "--quant", "int8")
+    run_cli("export", run / "best", "--out", art, "--quant", "int8", "--index", "hnsw:m=8")
     items = pl.read_parquet(shards / "items.parquet").filter(pl.col("count") > 0)
     genre = items.group_by("genres").agg(pl.col("count").sum()).sort("count", descending=True)["genres"][0]
     history = items.filter(pl.col("genres") == genre).sort("count", descending=True)["raw_id"].head(5).to_list()
@@ -206,6 +206,11 @@ def test_served_artifact_recommends_an_item_added_from_text(text_run, tmp_path):
     rec, old = Recommender.load(grown), Recommender.load(art)
     assert rec.items.rows == old.items.rows + 1
     n = old.items.rows
+    # The artifact's item index holds the new item too: its own vector finds it.
+    assert rec.index is not None and rec.index.index.ntotal == old.index.index.ntotal + 1 == n - 1
+    assert rec.config["index"]["rows"] == n + 1
+    own = rec.items._query(rec.items.lookup(torch.tensor([n])))
+    assert n in rec.index.candidates(own, 1, [np.zeros(0, dtype=np.int64)])[0]
     np.testing.assert_array_equal(rec.items.dequantize(0, n).numpy(), old.items.dequantize(0, n).numpy())
     # The new row is what training composes for an item with this text and no training events.
     saved = load_source(run / "best")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serve.artifact import ArtifactError, ArtifactWriter
+from serve.index import IndexSpec
 from train.checkpoint import CheckpointError
 from train.saved_model import ARTIFACT, BLOCK_ROWS, SourceError, load_source
 
@@ -58,10 +59,16 @@ def export(
     overwrite: bool = False,
     block_rows: int = BLOCK_ROWS,
     log=print,
+    index: str | None = None,
 ) -> Path:
     """A checkpoint, checkpoint directory or saved model (train.saved_model.resolve_source) into a
-    serving artifact."""
+    serving artifact; with ``index`` (a serve.index spec such as ``ivf-sq8``) it carries an
+    approximate item index of its stored rows."""
     source, out = Path(source), Path(out)
+    try:
+        spec = IndexSpec.parse(index) if index is not None else None
+    except ArtifactError as e:
+        raise ExportError(str(e)) from None
     try:
         trained = load_source(source, shards)
     except (CheckpointError, SourceError) as e:
@@ -98,6 +105,14 @@ def export(
             writer.manifest["source"] = origin
             writer.manifest["metrics"] = {"best_valid_NDCG@10": trained.training["best_valid_ndcg10"]}
             staged = writer.seal()
+            if spec is not None:
+                from serve import index as item_index
+                from serve.recommender import Recommender
+
+                table = Recommender.load(staged, verify=False, search="exact").items
+                writer.config["index"] = item_index.build(table, spec, staged, log)
+                del table
+                staged = writer.seal()
             if evaluate:
                 from serve.offline import evaluate_artifact
                 from serve.recommender import Recommender
