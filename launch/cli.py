@@ -289,18 +289,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _choose_search(args) -> None:
-    """--search reaches Recommender.load in every worker process through the environment."""
-    from serve.recommender import SEARCH_ENV
-
-    os.environ[SEARCH_ENV] = args.search
-
-
 def cmd_serve(args) -> int:
     from serve.artifact import ArtifactError
     from serve.http import ServeOptions, run
 
-    _choose_search(args)
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
     for flag, value in (("--batch-window-ms", args.batch_window_ms), ("--session-store-mb", args.session_store_mb)):
@@ -314,6 +306,7 @@ def cmd_serve(args) -> int:
         batch_window=args.batch_window_ms / 1000,
         max_batch_users=args.max_batch_users,
         session_bytes=int(args.session_store_mb * (1 << 20)),
+        search=args.search,
     )
     try:
         run(args.artifact, args.host, args.port, args.workers, args.token_file, options)
@@ -326,7 +319,6 @@ def cmd_score(args) -> int:
     from serve.artifact import ArtifactError
     from serve.offline import ScoringError, score
 
-    _choose_search(args)
     columns = {"user": args.user_col, "item": args.item_col, "time": args.time_col, "action": args.action_col}
     try:
         summary = score(
@@ -341,6 +333,7 @@ def cmd_score(args) -> int:
             columns=columns,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            search=args.search,
         )
     except (ArtifactError, ScoringError) as e:
         raise UsageError(str(e)) from None

@@ -63,6 +63,7 @@ class ServeOptions:
     batch_window: float = DEFAULT_WINDOW_S  # seconds a batch under load waits for more requests
     max_batch_users: int = DEFAULT_MAX_USERS
     session_bytes: int = DEFAULT_CAPACITY_BYTES  # per worker process
+    search: str = "auto"  # Recommender.load's: the artifact's item index when it has one, or "exact" / "index"
 
 
 class UserQuery(BaseModel):
@@ -213,7 +214,7 @@ class Service:
     ):
         self.artifact, self.token, self.metrics, self.group = Path(artifact), token, metrics, group
         self.options = options
-        rec = Recommender.load(self.artifact)
+        rec = Recommender.load(self.artifact, search=options.search)
         rec.warm_up()
         # The model and its sessions change together: a session's cache belongs to one model.
         self.current = (rec, SessionStore(options.session_bytes))
@@ -229,7 +230,7 @@ class Service:
         """The artifact at ``path``, verified and warmed up; ArtifactError (and a failed reload
         counted) otherwise."""
         try:
-            rec = Recommender.load(path)
+            rec = Recommender.load(path, search=self.options.search)
         except (ArtifactError, OSError, ValueError) as e:
             self.metrics.reloads.labels(result="failed").inc()
             raise ArtifactError(str(e)) from None
@@ -726,7 +727,7 @@ def run(
         print(f"lmrec serve: {artifact} (version {app.state.service.rec.version}) on http://{host}:{port}", flush=True)
         uvicorn.run(app, **server_options)
         return
-    Recommender.load(artifact)  # fail here, with one clear message, rather than in every worker
+    Recommender.load(artifact, search=options.search)  # fail here, with one clear message, not in every worker
     shared = Path(tempfile.mkdtemp(prefix="lmrec-serve-"))
     (shared / "metrics").mkdir()
     group = WorkerGroup(shared / "workers")

@@ -211,10 +211,10 @@ def _shard_parts(directory: Path, rec: Recommender, part_users: int) -> tuple[li
 _worker_rec: Recommender | None = None
 
 
-def _init_worker(artifact: str, threads: int) -> None:
+def _init_worker(artifact: str, threads: int, search: str) -> None:
     global _worker_rec
     torch.set_num_threads(threads)
-    _worker_rec = Recommender.load(artifact, verify=False)
+    _worker_rec = Recommender.load(artifact, verify=False, search=search)
 
 
 def _histories(part: Part, rec: Recommender):
@@ -293,20 +293,21 @@ def score(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    search: str = "auto",
 ) -> dict:
     """Top-``k`` for every user of ``inputs`` (one prepared shard directory, or event files) into
     the Parquet dataset directory ``out`` (user, items, scores), one file per part. Under torchrun
     (``WORLD_SIZE`` > 1) each rank takes every ``WORLD_SIZE``-th part; rank 0 claims (with
     ``overwrite``: clears) ``out`` before any rank writes to it, and writes ``_SUCCESS`` once every
-    rank is done."""
+    rank is done. ``search``: as for ``Recommender.load``."""
     if not 1 <= k <= 10_000 or workers < 1 or part_users < 1 or batch_size < 1:
         raise ScoringError("--k must be in [1, 10000]; --workers, part size and batch size must be >= 1")
     with _Ranks.join(log) as ranks:
-        rec, parts, counts, job = ranks.run(_plan, artifact, inputs, k, exclude_seen, part_users, columns)
+        rec, parts, counts, job = ranks.run(_plan, artifact, inputs, k, exclude_seen, part_users, columns, search)
         ranks.in_turn(_claim, out, job, overwrite and ranks.rank == 0)
         mine = [p for p in parts if p.number % ranks.world == ranks.rank]
         tasks, users = ranks.run(
-            _score_parts, rec, artifact, mine, out, k, exclude_seen, batch_size, workers, progress, log
+            _score_parts, rec, artifact, mine, out, k, exclude_seen, batch_size, workers, progress, log, search
         )
         done = ranks.in_turn(_finish, out, parts, {**job, **counts}, ranks.rank == 0)
     return {"parts": tasks, "users": users, "complete": done, **counts}
@@ -376,9 +377,9 @@ def _nothing(*args) -> None:
     return None
 
 
-def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, columns: dict | None):
+def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, columns: dict | None, search: str):
     """(recommender, parts, input counts, job description) of a scoring job."""
-    rec = Recommender.load(artifact)
+    rec = Recommender.load(artifact, search=search)
     inputs = [Path(p) for p in inputs]
     for path in inputs:
         if not path.exists():
@@ -402,7 +403,9 @@ def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, c
     return rec, parts, counts, job
 
 
-def _score_parts(rec, artifact, parts: list[Part], out: Path, k, exclude_seen, batch_size, workers, progress, log):
+def _score_parts(
+    rec, artifact, parts: list[Part], out: Path, k, exclude_seen, batch_size, workers, progress, log, search
+):
     """Scores the ``parts`` not written yet: (parts scored, users scored)."""
     from tqdm import tqdm
 
@@ -422,7 +425,7 @@ def _score_parts(rec, artifact, parts: list[Part], out: Path, k, exclude_seen, b
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(str(artifact), threads)) as pool:
+        with context.Pool(workers, initializer=_init_worker, initargs=(str(artifact), threads, search)) as pool:
             for _, n in pool.imap_unordered(_score_part, tasks):
                 users += n
                 bar.update()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,6 @@ RESIDENT_VALUES = 1 << 22  # tables of at most this many values (16 MiB as fp32)
 BLOCK_ROWS = 1 << 14  # rows scored at a time: a few MiB of float temporaries at common widths
 ENCODE_BATCH = 256
 STATS_ROWS = 1 << 16  # rows converted at a time for the row norms computed at load
-SEARCH_ENV = "LMREC_SEARCH"  # the default search of Recommender.load (set by lmrec serve/score --search)
 
 
 @dataclass
@@ -238,14 +236,13 @@ class Recommender:
 
     @classmethod
     def load(
-        cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS, search: str | None = None
+        cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS, search: str = "auto"
     ) -> Recommender:
         """Checks format version and checksums (``verify``), memory-maps the item table. ``search``:
         ``auto`` ranks with the artifact's approximate item index when it has one, ``index``
-        requires one, ``exact`` scores every item; default: $LMREC_SEARCH, else auto."""
+        requires one, ``exact`` scores every item."""
         import pyarrow
 
-        search = search or os.environ.get(SEARCH_ENV) or "auto"
         if search not in SEARCHES:
             raise artifact.ArtifactError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows=block_rows)
