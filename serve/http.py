@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import fcntl
+import gc
 import hmac
 import json
 import os
@@ -219,6 +220,7 @@ class Service:
         # The model and its sessions change together: a session's cache belongs to one model.
         self.current = (rec, SessionStore(options.session_bytes))
         self.metrics.serving(rec)
+        _settle()
         self._lock = threading.Lock()
         self.batcher = Batcher(self.run_batch, options.batch_window, options.max_batch_users, metrics.observe_batch)
 
@@ -242,6 +244,7 @@ class Service:
         self.metrics.new_store()
         self.metrics.serving(rec)
         self.metrics.reloads.labels(result="ok").inc()
+        _settle()
 
     def run_batch(self, jobs: list[Job]) -> None:
         """The model thread's work: every job's queries in one ``answer`` call, except that a
@@ -453,6 +456,15 @@ def _reload_and_report(reload) -> None:
         print(f"lmrec serve: {e}", flush=True)
         return
     print(f"lmrec serve: reloaded {result['path']}, serving {_describe(result['workers'])}", flush=True)
+
+
+def _settle() -> None:
+    """Moves what a loaded model allocated out of the cyclic garbage collector's reach: its full
+    collections otherwise walk every module and tensor of the stack and stall requests (at
+    concurrency 32 on the ML-1M model, p99 204 ms with them, 78 ms without). Refcounting still
+    frees a replaced model."""
+    gc.collect()
+    gc.freeze()
 
 
 class Observe:
