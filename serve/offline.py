@@ -397,6 +397,7 @@ def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, c
         "input": fingerprint,
         "k": k,
         "exclude_seen": exclude_seen,
+        "search": "exact" if rec.index is None else "index",  # an index's results differ from exact ones
         "part_users": part_users,
         "parts": len(parts),
     }
