@@ -248,7 +248,8 @@ class Service:
 
     def run_batch(self, jobs: list[Job]) -> None:
         """The model thread's work: every job's queries in one ``answer`` call, except that a
-        user's session is continued by one request at a time (later ones go in a next round)."""
+        user's session is continued by one request at a time (later ones go in a next round).
+        Each job gets (the answering model's version, its answers)."""
         rec, store = self.current
         pending = jobs
         while pending:
@@ -263,13 +264,13 @@ class Service:
             try:
                 answers = iter(rec.answer([q for job in now for q in job.payload], store))
                 for job in now:
-                    job.future.set_result([next(answers) for _ in job.payload])
+                    job.future.set_result((rec.version, [next(answers) for _ in job.payload]))
             except Exception:  # one request's bad input must not fail the others batched with it
                 for job in now:
                     if job.future.done():
                         continue
                     try:
-                        job.future.set_result(rec.answer(job.payload, store))
+                        job.future.set_result((rec.version, rec.answer(job.payload, store)))
                     except Exception as e:  # noqa: BLE001 - reported to that request
                         job.future.set_exception(e)
             pending = later
@@ -604,10 +605,9 @@ def create_app(
             return _error(422, _validation_message(e))
         users = query.users if query.users is not None else [query]
         metrics.batch.observe(len(users))
-        version = service.rec.version
         future = service.batcher.submit([u.query(query.k, query.exclude_seen) for u in users], len(users))
         try:
-            results = await asyncio.wrap_future(future)
+            version, results = await asyncio.wrap_future(future)
         except ValueError as e:
             return _error(422, str(e))
         missed = {}

@@ -57,24 +57,33 @@ class ItemTable:
     temperature when the model normalizes): ``alpha`` and ``beta`` fold the row's scale, offset
     and, for a normalizing model, its inverse norm, computed once from the stored rows."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], quant: str, dim: int, normalize: bool, block_rows: int):
+    def __init__(
+        self,
+        tensors: dict[str, np.ndarray],
+        quant: str,
+        dim: int,
+        normalize: bool,
+        block_rows: int,
+        resident_values: int = RESIDENT_VALUES,
+    ):
         self.quant, self.dim, self.normalize, self.block_rows = quant, dim, normalize, block_rows
         self.codes = torch.from_numpy(tensors["items"])
         self.rows = self.codes.shape[0]
         self.scale = torch.from_numpy(tensors["items" + SCALE]) if quant in ("int8", "int4") else None
         self.offset = torch.from_numpy(tensors["items" + OFFSET]) if quant in ("int8", "int4") else None
         self.alpha = self.beta = self.candidates = None
-        # A small table is also kept as float rows, normalized when the model normalizes: one
-        # matrix product scores it (ML-1M's 3,418 x 64: 0.03 ms against 0.25-0.3 ms through the
-        # int8 paths, whose fixed costs only pay off on large tables).
+        # A table of at most ``resident_values`` values is also kept as float rows, normalized
+        # when the model normalizes: one matrix product scores it (ML-1M's 3,418 x 64: 0.03 ms
+        # against 0.25-0.3 ms through the int8 paths, whose fixed costs only pay off on large
+        # tables), and the int8 kernel is not built for it.
         self.resident = None
-        if self.rows * dim <= RESIDENT_VALUES:
+        if self.rows * dim <= resident_values:
             rows = self.dequantize(0, self.rows) if self.scale is not None else self.codes.float()
             self.resident = F.normalize(rows, dim=-1) if normalize else rows
         if self.scale is None:
             return
         self.alpha, self.beta = self.scale.clone(), self._bias(self.scale, self.offset).clone()
-        kernel = topk.kernel() if quant == "int8" else None
+        kernel = topk.kernel() if quant == "int8" and self.resident is None else None
         if not normalize and kernel is None:
             return
         # One pass over the codes: each row's sum and sum of squares of levels give its norm
@@ -211,7 +220,17 @@ class Vocabulary:
 
 
 class Recommender:
-    def __init__(self, path: Path, manifest: dict, config: dict, dense: dict, items: dict, vocab, block_rows: int):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        config: dict,
+        dense: dict,
+        items: dict,
+        vocab,
+        block_rows: int,
+        resident_values: int = RESIDENT_VALUES,
+    ):
         self.path, self.manifest, self.config = Path(path), manifest, config
         model_config = RecommenderConfig.build(
             ModelConfig.from_dict(config["model"]), config["vocab"], config.get("text")
@@ -224,7 +243,9 @@ class Recommender:
         self.model.eval()
         self.lean = LeanDecoder(self.model) if LeanDecoder.supports(self.model) else None
         self.quant = config["quant"]
-        self.items = ItemTable(items, self.quant, config["items"]["dim"], self.model.cfg.normalize, block_rows)
+        self.items = ItemTable(
+            items, self.quant, config["items"]["dim"], self.model.cfg.normalize, block_rows, resident_values
+        )
         self.index = None  # an approximate item index (serve.index) when loaded with one
         self.vocab = Vocabulary(vocab, self.items.rows)
         self.max_len = self.model.cfg.max_len
@@ -236,16 +257,22 @@ class Recommender:
 
     @classmethod
     def load(
-        cls, path: str | Path, verify: bool = True, block_rows: int = BLOCK_ROWS, search: str = "auto"
+        cls,
+        path: str | Path,
+        verify: bool = True,
+        block_rows: int = BLOCK_ROWS,
+        search: str = "auto",
+        resident_values: int = RESIDENT_VALUES,
     ) -> Recommender:
         """Checks format version and checksums (``verify``), memory-maps the item table. ``search``:
         ``auto`` ranks with the artifact's approximate item index when it has one, ``index``
-        requires one, ``exact`` scores every item."""
+        requires one, ``exact`` scores every item. Tables of at most ``resident_values`` values
+        are also held as float rows (``ItemTable``)."""
         import pyarrow
 
         if search not in SEARCHES:
             raise artifact.ArtifactError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
-        rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows=block_rows)
+        rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows, resident_values)
         pyarrow.default_memory_pool().release_unused()  # the vocabulary's Parquet decode buffers
         if search == "index" and "index" not in rec.config:
             raise artifact.ArtifactError(f"{rec.path}: has no item index to search (export it with --index)")
@@ -275,10 +302,10 @@ class Recommender:
         also each history's key/value cache (None without a lean forward for the backbone)."""
         actions = actions if self.uses_actions else None
         gaps = gaps if self.uses_gaps else None
-        tokens = self.model.tokens(self.items.lookup(items), actions, gaps)
+        embeddings = self.items.lookup(items)
         if self.lean is not None:
-            return self.lean.encode(tokens, lengths, with_cache)
-        hidden = self.model.last_hidden(self.model.backbone(inputs_embeds=tokens).last_hidden_state, lengths).float()
+            return self.lean.encode(self.model.tokens(embeddings, actions, gaps), lengths, with_cache)
+        hidden = self.model.last_hidden(self.model(embeddings, lengths, actions, gaps), lengths).float()
         return (hidden, [None] * len(hidden)) if with_cache else hidden
 
     def warm_up(self) -> None:
@@ -311,7 +338,7 @@ class Recommender:
             if allow[b] is not None:
                 best_scores[b], best_items[b] = self._top_k_allowed(hidden, b, k, exclude[b], allow[b])
         pending = [b for b in range(n) if allow[b] is None]
-        if hidden is not None and pending and self.items.resident is None:
+        if hidden is not None and pending:
             if self.index is not None:
                 pending = self._top_k_index(hidden, k, exclude, pending, best_scores, best_items)
             pending = self._top_k_candidates(hidden, k, exclude, pending, best_scores, best_items)
@@ -485,12 +512,16 @@ class Recommender:
             allow.append(None if p.query.allow is None else self.vocab.indices(p.query.allow))
         scores = torch.full((len(plans), k), -torch.inf)
         items = torch.zeros((len(plans), k), dtype=torch.int64)
+
+        def rank(rows: list[int], query: torch.Tensor | None) -> None:
+            scores[rows], items[rows] = self.top_k(query, k, [exclude[b] for b in rows], [allow[b] for b in rows])
+
         model_rows = [b for b, h in enumerate(hidden) if h is not None]
         popularity_rows = [b for b, h in enumerate(hidden) if h is None]
-        for rows, query in ((model_rows, torch.stack([hidden[b] for b in model_rows]) if model_rows else None),
-                            (popularity_rows, None)):  # fmt: skip
-            if rows:
-                scores[rows], items[rows] = self.top_k(query, k, [exclude[b] for b in rows], [allow[b] for b in rows])
+        if model_rows:
+            rank(model_rows, torch.stack([hidden[b] for b in model_rows]))
+        if popularity_rows:
+            rank(popularity_rows, None)
         results = []
         for b, p in enumerate(plans):
             found = items[b, : p.query.k][torch.isfinite(scores[b, : p.query.k])].numpy()

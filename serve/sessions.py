@@ -97,9 +97,3 @@ class SessionStore:
                 _, evicted = self._sessions.popitem(last=False)
                 self.bytes -= evicted.nbytes
                 self.evictions += 1
-
-    def clear(self) -> None:
-        """Forgets every session (a new model: their caches belong to the old one)."""
-        with self._lock:
-            self._sessions.clear()
-            self.bytes = 0

@@ -61,7 +61,7 @@ def _reference(rec: Recommender, hidden: torch.Tensor, k: int, exclude: list[np.
 def test_exact_int8_top_k_equals_brute_force_float_scoring(tmp_path, normalize):
     generator = np.random.default_rng(1)
     vectors = generator.normal(size=(3000, 24)).astype(np.float32) * generator.uniform(0.2, 3, (3000, 1))
-    rec = Recommender.load(_artifact(tmp_path / "a", vectors.astype(np.float32), normalize))
+    rec = Recommender.load(_artifact(tmp_path / "a", vectors.astype(np.float32), normalize), resident_values=0)
     assert rec.items.candidates is not None and rec.index is None
     hidden = torch.from_numpy(generator.normal(size=(9, 24)).astype(np.float32))
     exclude = [np.sort(generator.choice(rec.items.rows, size=40 * b, replace=False)) for b in range(9)]

@@ -112,7 +112,7 @@ def test_block_scores_on_the_quantized_table_equal_scores_of_dequantized_rows(ro
     values = generator.normal(size=(rows, dim)).astype(np.float32) * generator.uniform(0.01, 5)
     codes, scale, offset = (q.quantize_rows_int8 if quant == "int8" else q.quantize_rows_int4)(values)
     tensors = {"items": codes, "items.scale": scale, "items.offset": offset}
-    table = ItemTable(tensors, quant, dim, normalize, block_rows=7)
+    table = ItemTable(tensors, quant, dim, normalize, block_rows=7, resident_values=0)  # the quantized blocks
     cfg = ModelConfig(backbone="gpt2", hidden_size=dim, num_heads=1, num_layers=1, normalize=normalize)
     model = SequenceRecommender(RecommenderConfig.build(cfg, {"items": rows}))
     hidden = torch.from_numpy(generator.normal(size=(3, dim)).astype(np.float32))
