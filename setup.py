@@ -19,6 +19,8 @@ setup(
             "safetensors",
             "webdataset",
             "polars",
+            "duckdb",
+            "pyspark",
             "prometheus-client",
             "psutil",
             "matplotlib",

@@ -10,6 +10,7 @@ from pathlib import Path
 from data.errors import DataError
 
 SPLIT_KINDS = ("leave_one_out", "temporal")
+ENGINES = ("memory", "duckdb", "spark")
 
 
 def _option(default, help: str, group: str = "processing", **cli):
@@ -41,7 +42,22 @@ class PrepareConfig:
         0.0, "cold-item protocol: this fraction of items appears only as test targets, never in training or validation"
     )
     vocab_from: Path | None = _option(None, "keep the item/action indices of this prepared directory")
-    workers: int = _option(2, "processes writing shards")
+    workers: int = _option(2, "processes writing shards (memory, duckdb)")
+    # Where the relational work runs (data.prepare's docstring): Polars in memory, DuckDB spilling
+    # to disk in bounded memory, or a Spark cluster.
+    engine: str = _option("memory", "where the preparation runs", group="engine", choices=ENGINES)
+    memory_limit: str = _option(
+        "4GB", "duckdb: memory the database may hold before it spills to disk (DuckDB's memory_limit)", group="engine"
+    )
+    spill_dir: Path | None = _option(
+        None, "duckdb: directory for the database and its spill files (default: beside --out)", group="engine"
+    )
+    spark_master: str | None = _option(
+        None, "spark: master URL (default: the session's, or local[*] when there is none)", group="engine"
+    )
+    events_per_partition: int = _option(
+        2_000_000, "duckdb, spark: events per part of whole users handed to the per-user step", group="engine"
+    )
     progress: bool = _option(True, "no progress bar", flag="--quiet", negated=True)
     # Item text features (data.text): sentence-encoder vectors and hashed n-gram tokens per item.
     item_text: bool = _option(
@@ -73,5 +89,13 @@ class PrepareConfig:
             raise DataError(f"--hold-out-items must be a fraction in [0, 1), got {self.hold_out_items}")
         if self.hold_out_items and self.split != "leave_one_out":
             raise DataError("--hold-out-items needs --split leave_one_out (held-out items are test targets only)")
+        if self.engine not in ENGINES:
+            raise DataError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.hold_out_items and self.engine != "memory":
+            raise DataError(
+                "--hold-out-items is an evaluation protocol for data that fits in memory: use --engine memory"
+            )
+        if self.events_per_partition < 1:
+            raise DataError("--events-per-partition must be at least 1")
         if self.text_buckets < 1:
             raise DataError("--text-buckets must be >= 1")

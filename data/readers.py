@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from data.errors import DataError
@@ -66,7 +67,7 @@ def _check_columns(df: pl.DataFrame, wanted: dict[str, str | None], path: Path) 
         raise DataError(f"{path}: no column {', '.join(missing)}; the file's columns are {df.columns}")
 
 
-def _id_column(series: pl.Series) -> pl.Series:
+def id_column(series: pl.Series) -> pl.Series:
     """IDs stay integers when every value is one, else become strings."""
     if series.dtype.is_integer():
         return series.cast(pl.Int64)
@@ -84,16 +85,21 @@ def normalise_events(
     on_bad_rows: str,
     line_offset: int = 1,
     lines: pl.Series | None = None,
+    first_row: int | None = None,
+    extra: dict[str, pl.Series] | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """Rename ``columns`` (target -> source) and validate types. Returns the frame and the number
     of rows dropped. ``line_offset`` is the line number of the first row minus one (header lines);
     -1 means the format has no lines and rows are counted instead. ``lines``, where given, is the
     line number of every row instead (for formats whose blank lines are skipped, or whose lines
-    hold many rows)."""
+    hold many rows). ``first_row``, where given: ``df`` is a chunk of the file starting at that row
+    (see iter_event_chunks); IDs are then left as read (``id_column`` decides over the whole
+    input). ``extra`` columns are carried along, bad rows dropped from them too."""
     if on_bad_rows not in ON_BAD_ROWS:
         raise DataError(f"--on-bad-rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     _check_columns(df, columns, path)
-    if df.height == 0:
+    chunk = first_row is not None
+    if df.height == 0 and not chunk:
         raise DataError(f"{path}: no events (the file has no data rows)")
     selected = {dst: df[src] for dst, src in columns.items() if src is not None}
     bad = pl.Series("bad", [False] * df.height)
@@ -106,14 +112,15 @@ def normalise_events(
             row = int(mask.arg_true()[0])
             value = df[columns[column]][row]
             found = "no value" if value is None else f"{value!r} {what}"
-            problems.append(f"{_where(path, row, line_offset, lines)}, column '{columns[column]}': {found}")
+            where = _where(path, (first_row or 0) + row, line_offset, lines)
+            problems.append(f"{where}, column '{columns[column]}': {found}")
         bad = bad | mask
 
     out: dict[str, pl.Series] = {}
     for name in ("user", "item"):
         raw = selected[name]
         flag(raw.is_null() | (raw.cast(pl.String).str.strip_chars() == ""), name, "is empty")
-        out[name] = _id_column(raw)
+        out[name] = (raw.cast(pl.Int64) if raw.dtype.is_integer() else raw.cast(pl.String)) if chunk else id_column(raw)
     if "ts" in selected:
         raw = selected["ts"]
         if raw.dtype.is_temporal():
@@ -142,19 +149,19 @@ def normalise_events(
         flag(weight.is_null(), "weight", "is not a number")
         out["weight"] = weight.cast(pl.Float32)
 
-    events = pl.DataFrame(out)
+    events = pl.DataFrame(out).with_columns(**(extra or {}))
     n_bad = int(bad.sum())
     if n_bad:
         if on_bad_rows == "fail":
-            raise _bad_rows_error(problems, n_bad)
+            raise _bad_rows_error(problems, n_bad, "in this chunk of the file" if chunk else "in all")
         events = events.filter(~bad)
-        if events.height == 0:
+        if events.height == 0 and not chunk:
             raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
     return events, n_bad
 
 
-def _bad_rows_error(problems: list[str], n_bad: int) -> DataError:
-    return DataError("; ".join(problems) + f" ({n_bad} bad rows in all; --on-bad-rows=skip drops them)")
+def _bad_rows_error(problems: list[str], n_bad: int, scope: str = "in all") -> DataError:
+    return DataError("; ".join(problems) + f" ({n_bad} bad rows {scope}; --on-bad-rows=skip drops them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,12 +350,8 @@ def read_table(path: Path, fmt: str | None = None) -> tuple[pl.DataFrame, int]:
 # Source readers.
 
 
-def read_events(
-    path: Path, columns: ColumnMap = ColumnMap(), fmt: str | None = None, on_bad_rows: str = "fail"
-) -> RawData:
-    """Generic events: CSV, TSV, Parquet or JSON lines with a column mapping."""
-    df, offset = read_table(path, fmt)
-    mapping = {
+def _event_mapping(columns: ColumnMap) -> dict[str, str | None]:
+    return {
         "user": columns.user,
         "item": columns.item,
         "ts": columns.timestamp,
@@ -356,8 +359,139 @@ def read_events(
         "rating": columns.rating,
         "weight": columns.weight,
     }
-    events, bad = normalise_events(df, mapping, Path(path), on_bad_rows, offset)
-    return RawData(events, inputs=[Path(path)], bad_rows=bad)
+
+
+def event_files(path: Path, fmt: str | None = None) -> list[Path]:
+    """``path`` itself, or the event files of a directory (Spark's and Hive's part files, say) in
+    name order, which is their source order. Names starting with '_' or '.' (_SUCCESS, .crc) are
+    not data."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and not p.name.startswith(("_", "."))
+        and (EVENT_FORMATS.get(p.suffix.lower()) == fmt if fmt else p.suffix.lower() in EVENT_FORMATS)
+    )
+    if not files:
+        raise DataError(f"{path}: no event files ({'.' + fmt if fmt else ', '.join(EVENT_FORMATS)}) in this directory")
+    kinds = {fmt or EVENT_FORMATS[p.suffix.lower()] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: the directory mixes formats {sorted(kinds)}; pass --format to pick one")
+    return files
+
+
+def read_events(
+    path: Path, columns: ColumnMap = ColumnMap(), fmt: str | None = None, on_bad_rows: str = "fail"
+) -> RawData:
+    """Generic events: CSV, TSV, Parquet or JSON lines with a column mapping; a directory of such
+    files is read in name order."""
+    files = event_files(path, fmt)
+    frames, bad = [], 0
+    for file in files:
+        df, offset = read_table(file, fmt)
+        events, dropped = normalise_events(df, _event_mapping(columns), file, on_bad_rows, offset)
+        frames.append(events)
+        bad += dropped
+    if len(frames) == 1:
+        return RawData(frames[0], inputs=files, bad_rows=bad)
+    # IDs are integers only when they are in every file (as id_column decides for one file).
+    ids = {name: pl.concat([f[name].cast(pl.String) for f in frames]) for name in ("user", "item")}
+    events = pl.concat([f.drop("user", "item") for f in frames], how="vertical_relaxed")
+    for name in ("user", "item"):
+        events = events.with_columns(id_column(ids[name]).alias(name))
+    return RawData(events.select(frames[0].columns), inputs=files, bad_rows=bad)
+
+
+# Bits of the source position below the file's index: ``src = file << SRC_ROW_BITS | row``
+# orders events across files as they were read, for ties in time and duplicates.
+SRC_ROW_BITS = 40
+
+
+def iter_event_chunks(
+    path: Path, file_index: int, columns: ColumnMap, fmt: str | None, on_bad_rows: str, rows: int = 1 << 20
+):
+    """One event file in chunks of about ``rows`` rows, normalised and checked as read_events
+    does (bad rows named by file and line or row): yields (events with a ``src`` column, bad rows
+    dropped). IDs are left as read: the engine decides integers or strings over the whole input.
+    For the engines that read more than memory holds (data.outofcore, data.spark)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    fmt = fmt or EVENT_FORMATS.get(path.suffix.lower())
+    mapping = _event_mapping(columns)
+    wanted = [c for c in mapping.values() if c is not None]
+    if fmt == "parquet":
+        try:
+            handle = pq.ParquetFile(path)
+            _check_columns(pl.DataFrame(schema=handle.schema_arrow.names), mapping, path)
+            batches = handle.iter_batches(batch_size=rows, columns=wanted)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+        line_offset = -1
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        header = pl.read_csv(_open_head(path), separator=sep, n_rows=0, quote_char='"' if sep != "\t" else None)
+        _check_columns(header, mapping, path)
+        try:
+            batches = pcsv.open_csv(
+                path,
+                read_options=pcsv.ReadOptions(block_size=64 << 20),
+                parse_options=pcsv.ParseOptions(delimiter=sep, quote_char='"' if sep != "\t" else False),
+                convert_options=pcsv.ConvertOptions(
+                    column_types={c: pa.string() for c in header.columns}, include_columns=wanted
+                ),
+            )
+        except pa.ArrowException as e:
+            raise DataError(f"{path}: malformed {fmt.upper()}: {e}") from None
+        line_offset = 1
+    else:
+        raise DataError(f"{path}: out-of-core and Spark preparation read Parquet, CSV or TSV files, not {fmt!r}")
+    done = 0
+    pending: list = []
+    try:
+        for batch in batches:
+            pending.append(batch)
+            if sum(b.num_rows for b in pending) < rows:
+                continue
+            yield _chunk(pending, mapping, path, on_bad_rows, line_offset, done, file_index)
+            done += sum(b.num_rows for b in pending)
+            pending = []
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: malformed {fmt.upper()} after row {done}: {e}") from None
+    if pending or done == 0:
+        yield _chunk(pending, mapping, path, on_bad_rows, line_offset, done, file_index)
+
+
+def _open_head(path: Path, size: int = 1 << 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not head.strip():
+        raise DataError(f"{path}: empty file")
+    return head[: head.find(b"\n") + 1] if b"\n" in head else head
+
+
+def _chunk(batches, mapping, path, on_bad_rows, line_offset, first_row, file_index):
+    import pyarrow as pa
+
+    frame = pl.from_arrow(pa.Table.from_batches(batches)) if batches else pl.DataFrame()
+    if frame.is_empty():
+        if first_row == 0:
+            raise DataError(f"{path}: no events (the file has no data rows)")
+        return pl.DataFrame(), 0
+    src = (file_index << SRC_ROW_BITS) + np.arange(first_row, first_row + frame.height, dtype=np.int64)
+    return normalise_events(
+        frame, mapping, path, on_bad_rows, line_offset, first_row=first_row, extra={"src": pl.Series(src)}
+    )
 
 
 def read_movielens_items(path: Path) -> pl.DataFrame:
@@ -375,7 +509,7 @@ def read_movielens_items(path: Path) -> pl.DataFrame:
         rows = rows.with_columns(genres=pl.concat_str(flagged, separator="|", ignore_nulls=True))
     else:
         rows, _ = read_records(path, ["item", "title", "genres"], "::", "latin-1")
-    return pl.DataFrame({"item": _id_column(rows["item"]), "title": rows["title"], "genres": rows["genres"]})
+    return pl.DataFrame({"item": id_column(rows["item"]), "title": rows["title"], "genres": rows["genres"]})
 
 
 def read_movielens(path: Path, on_bad_rows: str = "fail") -> RawData:
@@ -417,7 +551,7 @@ def read_sasrec(
         inputs.append(Path(items))
         if item_map is not None:
             mapping, _ = read_records(Path(item_map), ["item", "original"])
-            mapping = mapping.select(_id_column(mapping["item"]), _id_column(mapping["original"]))
+            mapping = mapping.select(id_column(mapping["item"]), id_column(mapping["original"]))
             item_table = mapping.join(item_table.rename({"item": "original"}), on="original", how="left").drop(
                 "original"
             )
@@ -473,7 +607,7 @@ def read_recbole(path: Path, on_bad_rows: str = "fail") -> RawData:
             raise DataError(f"{item_file}: no column 'item_id'; the file's columns are {table.columns}")
         renames = {"movie_title": "title", "class": "genres", "categories": "genres"}
         table = table.rename({k: v for k, v in renames.items() if k in table.columns})
-        items = table.with_columns(_id_column(table["item_id"]).alias("item")).drop("item_id")
+        items = table.with_columns(id_column(table["item_id"]).alias("item")).drop("item_id")
         items = items.select("item", *[c for c in items.columns if c != "item"])
     return RawData(events, items, [path] + ([item_file] if items is not None else []), bad)
 

@@ -67,15 +67,20 @@ def cmd_data_prepare(args) -> int:
     from data.prepare import prepare, summary_rows
 
     cfg = _config_from_options(PrepareConfig, args)
-    started = time.perf_counter()
-    raw = _read_source(args)
-    read_seconds = time.perf_counter() - started
     source_args = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(args).items()
         if k not in ("func", "progress", "timings")
     }
-    report = prepare(raw, cfg, {"name": args.source, "args": source_args})
+    source = {"name": args.source, "args": source_args}
+    started = time.perf_counter()
+    if cfg.engine == "memory":
+        raw = _read_source(args)
+        read_seconds = time.perf_counter() - started
+        report = prepare(raw, cfg, source)
+    else:
+        read_seconds = 0.0  # the engines read as part of their work (their "read" phase)
+        report = _prepare_with_engine(args, cfg, source)
     print(f"prepared {cfg.out} in {read_seconds + report.seconds:.1f} s")
     if args.timings:
         print("timings: " + json.dumps({"read": round(read_seconds, 3), **report.phases}))
@@ -83,6 +88,36 @@ def cmd_data_prepare(args) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0
+
+
+def _prepare_with_engine(args, cfg, source):
+    """--engine duckdb / spark: they read event files (or a Spark table) themselves, in chunks."""
+    from data import readers
+
+    if args.source != "events":
+        raise readers.DataError(
+            f"--engine {cfg.engine} reads --source events (Parquet, CSV or TSV files or directories); "
+            f"--source {args.source} is prepared in memory (--engine memory)"
+        )
+    if (args.input is None) == (getattr(args, "table", None) is None):
+        raise readers.DataError("--source events needs --input PATH or, with --engine spark, --table NAME")
+    columns = readers.ColumnMap(
+        user=args.user_col,
+        item=args.item_col,
+        timestamp=args.time_col or None,
+        action=args.action_col,
+        rating=args.rating_col,
+        weight=args.weight_col,
+    )
+    if cfg.engine == "duckdb":
+        if args.table is not None:
+            raise readers.DataError("--table needs --engine spark (it names a table in Spark's catalog)")
+        from data.outofcore import prepare_out_of_core
+
+        return prepare_out_of_core(args.input, columns, args.format, args.on_bad_rows, cfg, source)
+    from data.spark import prepare_spark
+
+    return prepare_spark(args.input, args.table, columns, args.format, args.on_bad_rows, cfg, source)
 
 
 def cmd_data_inspect(args) -> int:
@@ -145,6 +180,7 @@ def _add_data(sub) -> None:
     p = data.add_parser("prepare", help="raw interaction logs -> WebDataset shards")
     p.add_argument("--source", choices=SOURCES, required=True)
     p.add_argument("--input", type=Path, help="file or directory (not needed for synthetic)")
+    p.add_argument("--table", help="--engine spark: read the events from this table of Spark's catalog")
     p.add_argument("--on-bad-rows", choices=("fail", "skip"), default="fail")
     g = p.add_argument_group("generic events (--source events)")
     g.add_argument("--format", choices=("csv", "tsv", "parquet", "jsonl"), help="default: from the extension")
@@ -164,7 +200,8 @@ def _add_data(sub) -> None:
     g.add_argument("--events-per-user", type=float, default=50.0)
     g.add_argument("--synthetic-seed", type=int, default=0)
     processing = p.add_argument_group("processing")
-    _add_config_options(PrepareConfig, {None: p, "processing": processing, "item text": text})
+    engine = p.add_argument_group("engine (memory: Polars; duckdb: out of core; spark: a Spark cluster)")
+    _add_config_options(PrepareConfig, {None: p, "processing": processing, "item text": text, "engine": engine})
     processing.add_argument("--timings", action="store_true", help="print the seconds spent in each phase")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -349,8 +386,11 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--init-from",
         metavar="MODEL_OR_ARTIFACT",
-        help="start from a pretrained model (RUN/best, a checkpoint or an artifact): backbone and text paths "
-        "carry over, new item rows start from their text; a checkpoint found by --resume takes precedence",
+        help="start from a trained model (RUN/best, a checkpoint or an artifact). Data prepared with --vocab-from "
+        "its shards continue it (the daily retrain): known items keep their rows, and from a checkpoint their sparse "
+        "optimizer state; new items start from the initialiser (or their text). Another catalog: backbone and text "
+        "paths carry over, item rows start afresh. Either way the dense optimizer starts fresh and the "
+        "learning-rate schedule restarts with its warm-up; a checkpoint found by --resume takes precedence",
     )
     p.add_argument(
         "--resume",

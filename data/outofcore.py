@@ -1,0 +1,262 @@
+"""Out-of-core preparation (``lmrec data prepare --engine duckdb``): inputs larger than memory.
+
+DuckDB does the relational work in a database file beside the output, holding at most
+``--memory-limit`` and spilling the rest to disk: reading (through the same chunked reader and
+checks as everywhere, data.readers.iter_event_chunks), k-core filtering, the exact time cuts, the
+distinct IDs for the vocabularies, and one pass that maps every event to its indices and writes
+the events into parts of whole users (Parquet, partitioned by user range). The database is then
+closed and ``--workers`` processes sort each part by (user, time, source order) and run the
+shared per-user step (data.samples.write_part) on it, so shards are written as parts complete and
+no process ever holds more than one part.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+
+from data.config import PrepareConfig
+from data.errors import DataError
+from data.prepare import (
+    TIME_BUCKET_BITS,
+    Phases,
+    PrepareReport,
+    build_vocabularies,
+    features_of,
+    finish,
+    sample_spec,
+    sorted_times_at,
+    time_cuts,
+)
+from data.readers import ColumnMap, event_files, iter_event_chunks
+from data.samples import write_part
+from data.shards import atomic_output_dir
+
+
+def _duckdb():
+    try:
+        import duckdb
+    except ImportError:
+        raise DataError("--engine duckdb needs the duckdb package (make install installs it)") from None
+    return duckdb
+
+
+def _staging_types(files: list[Path], columns: ColumnMap, fmt: str | None) -> dict[str, str]:
+    """DuckDB types of the staged event columns. IDs stay integers only when every file has them
+    as integers (Parquet); otherwise they are staged as read, as strings, and the vocabulary
+    decides (data.prepare.Vocabularies.keys)."""
+    import pyarrow.parquet as pq
+
+    ids = {"user": "BIGINT", "item": "BIGINT"}
+    for path in files:
+        kind = fmt or path.suffix.lower().lstrip(".")
+        if kind != "parquet":
+            ids = {"user": "VARCHAR", "item": "VARCHAR"}
+            break
+        schema = pq.read_schema(path)
+        for name, source in (("user", columns.user), ("item", columns.item)):
+            if source in schema.names and not pq_is_integer(schema.field(source).type):
+                ids[name] = "VARCHAR"
+    types = dict(ids)
+    if columns.timestamp:
+        types["ts"] = "BIGINT"
+    if columns.action or columns.rating:
+        types["action"] = "VARCHAR"
+    if columns.weight:
+        types["weight"] = "FLOAT"
+    types["src"] = "BIGINT"
+    return types
+
+
+def pq_is_integer(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(arrow_type)
+
+
+def _ingest(con, files: list[Path], columns: ColumnMap, fmt: str | None, on_bad_rows: str) -> int:
+    types = _staging_types(files, columns, fmt)
+    _run(con, "CREATE TABLE events (" + ", ".join(f'"{k}" {v}' for k, v in types.items()) + ")")
+    polars_types = {"BIGINT": pl.Int64, "VARCHAR": pl.String, "FLOAT": pl.Float32}
+    bad = 0
+    for index, path in enumerate(files):
+        for chunk, dropped in iter_event_chunks(path, index, columns, fmt, on_bad_rows):
+            bad += dropped
+            if chunk.height:
+                con.register(
+                    "chunk", chunk.select(pl.col(k).cast(polars_types[v]) for k, v in types.items()).to_arrow()
+                )
+                _run(con, "INSERT INTO events BY NAME SELECT * FROM chunk")
+                con.unregister("chunk")
+    return bad
+
+
+def _run(con, sql: str) -> list:
+    """Runs a statement to completion (DuckDB keeps a connection busy until its result is read)."""
+    return con.execute(sql).fetchall()
+
+
+def _count(con, table: str = "events") -> int:
+    return _run(con, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def _k_core(con, min_user: int, min_item: int) -> None:
+    """As data.prepare._k_core: items, then users, until nothing changes."""
+    while True:
+        before = _count(con)
+        for column, least in (("item", min_item), ("user", min_user)):
+            if least:
+                _run(
+                    con,
+                    f"CREATE OR REPLACE TABLE events AS SELECT * FROM events WHERE {column} IN "
+                    f"(SELECT {column} FROM events GROUP BY {column} HAVING count(*) >= {int(least)})",
+                )
+        if _count(con) == before:
+            return
+
+
+def _grouped_times(con):
+    def grouped(bucket):
+        if bucket is None:
+            query = f"SELECT ts >> {TIME_BUCKET_BITS} AS bucket, count(*) AS count FROM events GROUP BY 1 ORDER BY 1"
+        else:
+            query = (
+                f"SELECT ts, count(*) AS count FROM events WHERE ts >> {TIME_BUCKET_BITS} = {bucket} "
+                "GROUP BY 1 ORDER BY 1"
+            )
+        return con.sql(query).pl()
+
+    return grouped
+
+
+def _distinct(con, column: str) -> pl.Series:
+    return con.sql(f'SELECT DISTINCT "{column}" AS raw FROM events').pl()["raw"]
+
+
+def _write_parts(con, vocab, distinct: dict[str, pl.Series], parts_dir: Path, n_parts: int, features) -> None:
+    """One pass: every event to its indices, written as Parquet partitioned by user range."""
+    joins, selected = [], []
+    for name in distinct:
+        con.register("keys", vocab.keys(name, distinct[name]).to_arrow())
+        _run(con, f"CREATE TABLE {name}_keys AS SELECT * FROM keys")
+        con.unregister("keys")
+        joins.append(f'JOIN {name}_keys AS {name}_k ON e."{name}" = {name}_k.raw')
+    n_users = vocab.users.len()
+    selected.append(f"(user_k.index * {n_parts}) // {n_users} AS part")
+    selected.append("user_k.index AS user")
+    selected.append("item_k.index::INTEGER AS item")
+    if "action" in features:
+        selected.append("action_k.index::SMALLINT AS action")
+    if "gap" in features:
+        selected.append("e.ts")
+    if "weight" in features:
+        selected.append("e.weight")
+    selected.append("e.src")
+    _run(
+        con,
+        f"COPY (SELECT {', '.join(selected)} FROM events AS e {' '.join(joins)}) "
+        f"TO '{parts_dir}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION zstd)",
+    )
+
+
+def _write_part_task(task: tuple):
+    spec, out, part, directory = task
+    frame = pl.read_parquet(Path(directory) / "*.parquet").drop("part", strict=False)
+    frame = frame.sort(["user", "ts", "src"] if "ts" in frame.columns else ["user", "src"])
+    columns = {name: frame[name].to_numpy() for name in frame.columns if name != "src"}
+    del frame
+    return write_part(spec, columns, out, part)
+
+
+def prepare_out_of_core(
+    path: Path, columns: ColumnMap, fmt: str | None, on_bad_rows: str, cfg: PrepareConfig, source: dict
+) -> PrepareReport:
+    """``lmrec data prepare --source events --engine duckdb``: see the module docstring."""
+    duckdb = _duckdb()
+    phases = Phases()
+    files = event_files(path, fmt)
+    work = Path(cfg.spill_dir or Path(cfg.out).parent) / f".{Path(cfg.out).name}.duckdb-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "spill").mkdir(parents=True)
+    try:
+        con = duckdb.connect(
+            str(work / "events.duckdb"),
+            config={
+                "memory_limit": cfg.memory_limit,
+                "temp_directory": str(work / "spill"),
+                "preserve_insertion_order": False,
+                "threads": os.cpu_count() or 1,
+            },
+        )
+        try:
+            bad_rows = _ingest(con, files, columns, fmt, on_bad_rows)
+            staged = _count(con)
+            if staged == 0:
+                raise DataError(f"{path}: no events to prepare")
+            phases.done("read")
+            features = features_of([c for c in ("ts", "action", "weight") if c in _event_columns(con)])
+            dropped = {"bad_rows": bad_rows, "duplicates": 0, "k_core": 0}
+            if cfg.min_user_events or cfg.min_item_events:
+                _k_core(con, cfg.min_user_events, cfg.min_item_events)
+                dropped["k_core"] = staged - _count(con)
+                if dropped["k_core"] == staged:
+                    raise DataError(
+                        f"k-core filtering (users >= {cfg.min_user_events}, items >= {cfg.min_item_events} events) "
+                        "left no events"
+                    )
+            n_events = _count(con)
+            grouped = _grouped_times(con) if "gap" in features else None
+            cuts = time_cuts(cfg, n_events, None if grouped is None else lambda at: sorted_times_at(grouped, at))
+            phases.done("filter")
+            distinct = {"user": _distinct(con, "user"), "item": _distinct(con, "item")}
+            if "action" in features:
+                distinct["action"] = _distinct(con, "action")
+            vocab = build_vocabularies(cfg, distinct["item"], distinct["user"], distinct.get("action"))
+            phases.done("vocabulary")
+            n_parts = max(1, -(-n_events // cfg.events_per_partition))
+            _write_parts(con, vocab, distinct, work / "parts", min(n_parts, vocab.users.len()), features)
+            phases.done("partition")
+        finally:
+            con.close()
+        (work / "events.duckdb").unlink()
+        shutil.rmtree(work / "spill", ignore_errors=True)
+
+        with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+            tasks = sorted(
+                (int(d.name.split("=", 1)[1]), str(d)) for d in (work / "parts").iterdir() if d.name.startswith("part=")
+            )
+            results = _run_tasks(sample_spec(cfg, features, cuts), tmp, tasks, cfg.workers)
+            phases.done("write_shards")
+            manifest, notes = finish(
+                tmp,
+                cfg,
+                source,
+                files,
+                features,
+                vocab,
+                results,
+                dropped,
+                engine={"name": "duckdb", "memory_limit": cfg.memory_limit, "parts": len(tasks)},
+            )
+        phases.done("finish")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PrepareReport(manifest, sum(phases.seconds.values()), phases.seconds, notes)
+
+
+def _event_columns(con) -> list[str]:
+    return [row[0] for row in _run(con, "SELECT column_name FROM (DESCRIBE events)")]
+
+
+def _run_tasks(spec, tmp: Path, parts: list, workers: int) -> list:
+    tasks = [(spec, tmp, part, directory) for part, directory in parts]
+    if workers == 1 or len(tasks) == 1:
+        return list(map(_write_part_task, tasks))
+    # Spawned, not forked: DuckDB's threads may hold allocator locks that a forked child would
+    # inherit locked (the children then hang).
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        return list(pool.imap_unordered(_write_part_task, tasks))
