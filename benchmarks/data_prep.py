@@ -1,14 +1,22 @@
-"""Data preparation and reading speed.
+"""Data preparation speed and memory, per engine, through the real ``lmrec data prepare``.
 
-Measures, each in a fresh process through the real ``lmrec`` command line:
-- ML-1M (SASRec file from ../shared) -> shards: wall time;
-- synthetic data of fixed shape (default 1 M users x 100 events on average, 1 M items) -> shards:
-  events/s end to end (process start, generation, preparation) and peak resident memory;
-- the shard reader: tokens/s of one dataloader worker (one process, no worker subprocesses).
+Inputs are Parquet files of synthetic events written beforehand (not timed): users with a
+geometric number of events (mean ``--events-per-user``), items drawn from a Zipf-like law,
+increasing times, ratings 1-5, rows interleaved across users as in a real log. Each run is one
+``lmrec`` process; its memory is the peak of the summed RSS of the whole process tree (pool
+workers, DuckDB's threads, Spark's JVMs and Python workers, and a standalone cluster's master and
+worker JVMs), sampled every 0.2 s. Disk: the peak of the file system's used bytes above what it
+was before the run. Outputs and inputs are removed afterwards.
 
-Writes benchmarks/results/data_prep.json and prints a Markdown table.
+Sections (``--only``, comma-separated):
+- ``ml1m``: ML-1M (the SASRec file from ../shared) in memory, wall time; and the shard reader's
+  tokens/s (one dataloader worker);
+- ``memory``: 10^8 events in memory (goal >= 2 M events/s end to end);
+- ``duckdb``: 10^9 events out of core (10 M users, 10 M items; goals <= 8 GiB summed RSS and
+  >= 1 M events/s); checks free disk first;
+- ``spark``: 10^8 events on Spark local[2] and on a 2-worker standalone cluster on 127.0.0.1.
 
-    python benchmarks/data_prep.py [--users 1000000] [--work DIR]
+    python benchmarks/data_prep.py [--only memory,duckdb,spark] [--work DIR] [--scale 0.1]
 """
 
 from __future__ import annotations
@@ -17,34 +25,136 @@ import argparse
 import json
 import os
 import platform
-import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ML1M = ROOT.parent / "shared" / "datasets" / "ml-1m"
 RESULTS = ROOT / "benchmarks" / "results" / "data_prep.json"
+GIB = 2**30
 
 
-def run_lmrec(*args) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in GiB (of that child alone) and stdout of one lmrec command."""
-    code = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "done = subprocess.run([sys.executable, '-m', 'launch.cli', *sys.argv[1:]], capture_output=True, text=True)\n"
-        "wall = time.perf_counter() - t\n"
-        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20\n"
-        "print(done.stdout); print(done.stderr, file=sys.stderr)\n"
-        "print(f'@@ {wall} {peak} {done.returncode}')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    wall, peak, rc = re.search(r"@@ (\S+) (\S+) (\S+)", done.stdout).groups()
-    if int(rc) != 0:
-        raise SystemExit(f"lmrec {' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
-    return float(wall), float(peak), done.stdout
+def write_events(path: Path, users: int, items: int, events_per_user: float, seed: int = 0) -> int:
+    """Synthetic events as one Parquet file, written in blocks of users (bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    block = max(1, int(2e7 // events_per_user))
+    # Zipf-like popularity over a random order of the items, drawn by inverse CDF.
+    weights = 1.0 / np.arange(1, items + 1) ** 0.8
+    cdf = np.cumsum(weights) / weights.sum()
+    item_of_rank = rng.permutation(items).astype(np.int64) + 1
+    total = 0
+    with pq.ParquetWriter(path, pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
+                                           ("timestamp", pa.int64()), ("rating", pa.int8())]),
+                          compression="zstd") as writer:  # fmt: skip
+        for lo in range(0, users, block):
+            n_users = min(block, users - lo)
+            lengths = 1 + rng.geometric(1.0 / events_per_user, size=n_users)
+            n = int(lengths.sum())
+            user = np.repeat(np.arange(lo + 1, lo + n_users + 1, dtype=np.int64), lengths)
+            item = item_of_rank[np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)]
+            start = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
+            gaps = rng.exponential(86_400.0, size=n).astype(np.int64)
+            first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            steps = np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first] - gaps[first], lengths)
+            ts = np.repeat(start, lengths) + steps
+            rating = rng.integers(1, 6, size=n).astype(np.int8)
+            order = rng.permutation(n)  # a log interleaves users
+            table = pa.table({"user_id": user[order], "item_id": item[order], "timestamp": ts[order],
+                              "rating": rating[order]})  # fmt: skip
+            writer.write_table(table, row_group_size=1 << 20)
+            total += n
+    return total
+
+
+class TreeMemory:
+    """Peak summed RSS of a process tree plus ``extra`` PIDs, sampled in a thread."""
+
+    def __init__(self, pid: int, extra: list[int] = (), disk_path: Path | None = None):
+        import psutil
+
+        self.root, self.extra, self.peak, self.disk_peak = psutil.Process(pid), list(extra), 0, 0
+        self.disk_path = disk_path
+        self.disk_before = shutil.disk_usage(disk_path).used if disk_path else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for pid in self.extra:
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            if self.disk_path is not None:
+                self.disk_peak = max(self.disk_peak, shutil.disk_usage(self.disk_path).used - self.disk_before)
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_prepare(args: list, work: Path, extra_pids: list[int] = (), env: dict | None = None) -> dict:
+    """One ``lmrec data prepare`` process: wall seconds, peak summed RSS, peak extra disk."""
+    cmd = [sys.executable, "-m", "launch.cli", "data", "prepare", *map(str, args), "--quiet", "--timings"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    memory = TreeMemory(proc.pid, extra_pids, work)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    memory.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out}\n{err}")
+    timings = next((json.loads(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("timings:")), {})
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_gib": round(memory.peak / GIB, 2),
+        "peak_disk_gib": round(memory.disk_peak / GIB, 2),
+        "phases_s": timings,
+    }
+
+
+def prepare_events(input_path: Path, out: Path, work: Path, engine: str, extra: list = (), **kw) -> dict:
+    args = ["--source", "events", "--input", input_path, "--rating-col", "rating", "--out", out, "--overwrite",
+            "--engine", engine, *extra]  # fmt: skip
+    result = run_prepare(args, work, **kw)
+    manifest = json.loads((out / "manifest.json").read_text())
+    events = manifest["counts"]["events"] + manifest["counts"]["dropped"]["duplicates"]
+    result |= {
+        "events": events,
+        "events_per_s": round(events / result["wall_s"]),
+        "counts": manifest["counts"],
+        "shards": len(manifest["shards"]),
+        "shard_gib": round(sum(s["bytes"] for s in manifest["shards"]) / GIB, 2),
+        "parts": manifest.get("engine", {}).get("parts") or manifest.get("engine", {}).get("partitions"),
+    }
+    shutil.rmtree(out)
+    return result
 
 
 def reader_tokens_per_second(directory: Path, max_len: int, max_seconds: float = 60.0) -> dict:
@@ -65,80 +175,129 @@ def reader_tokens_per_second(directory: Path, max_len: int, max_seconds: float =
     return {"tokens": tokens, "samples": samples, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds)}
 
 
+def section_ml1m(work: Path) -> dict:
+    out = work / "ml-1m"
+    result = run_prepare(
+        ["--source", "sasrec", "--input", ML1M / "sasrec" / "ml-1m.txt",
+         "--item-map", ML1M / "sasrec" / "sas_to_original_items.txt", "--items", ML1M / "raw" / "movies.dat",
+         "--out", out, "--overwrite"],
+        work,
+    )  # fmt: skip
+    result["counts"] = json.loads((out / "manifest.json").read_text())["counts"]
+    result["reader"] = reader_tokens_per_second(out, max_len=200)
+    shutil.rmtree(out)
+    return result
+
+
+def _input(work: Path, name: str, users: int, items: int, epu: float) -> tuple[Path, dict]:
+    path = work / f"{name}.parquet"
+    started = time.perf_counter()
+    events = write_events(path, users, items, epu)
+    return path, {
+        "users": users, "items": items, "events_per_user": epu, "events": events,
+        "parquet_gib": round(path.stat().st_size / GIB, 2), "written_in_s": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+
+
+def section_memory(work: Path, scale: float) -> dict:
+    path, shape = _input(work, "events-1e8", int(1e6 * scale), int(1e6 * scale), 100.0)
+    try:
+        result = prepare_events(path, work / "out-memory", work, "memory")
+    finally:
+        path.unlink()
+    return {"input": shape, **result, "goal_events_per_s": 2_000_000}
+
+
+def section_duckdb(work: Path, scale: float, memory_limit: str) -> dict:
+    users = int(1e7 * scale)
+    need = users * 100 * 75 / GIB  # input, staging, parts and shards per event, measured at 10^8
+    free = shutil.disk_usage(work).free / GIB
+    if free < need:
+        return {"skipped": f"needs about {need:.0f} GiB free in {work}, has {free:.0f} GiB"}
+    path, shape = _input(work, "events-1e9", users, users, 100.0)
+    try:
+        result = prepare_events(path, work / "out-duckdb", work, "duckdb", ["--memory-limit", memory_limit])
+    finally:
+        path.unlink()
+    return {
+        "input": shape, "memory_limit": memory_limit, "free_disk_gib_before": round(free, 1), **result,
+        "goals": {"events_per_s": 1_000_000, "peak_rss_gib": 8},
+    }  # fmt: skip
+
+
+def section_spark(work: Path, scale: float) -> dict:
+    from data.spark import standalone_cluster
+
+    path, shape = _input(work, "events-1e8", int(1e6 * scale), int(1e6 * scale), 100.0)
+    out: dict = {"input": shape}
+    try:
+        out["local[2]"] = prepare_events(path, work / "out-spark", work, "spark", ["--spark-master", "local[2]"])
+        with standalone_cluster(workers=2, cores=1) as cluster:
+            out["standalone, 2 workers x 1 core"] = prepare_events(
+                path, work / "out-spark", work, "spark", ["--spark-master", cluster.master], extra_pids=cluster.pids
+            )
+    finally:
+        path.unlink()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--events-per-user", type=float, default=100.0)
+    parser.add_argument("--only", default="ml1m,memory,duckdb,spark")
+    parser.add_argument("--scale", type=float, default=1.0, help="users and items x this (for a quick try)")
+    parser.add_argument("--memory-limit", default="5GB", help="duckdb's --memory-limit")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="lmrec-bench-"))
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"),
+    work = args.work or Path(tempfile.mkdtemp(prefix="lmrec-bench-", dir=ROOT / "runs"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update(
+        machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        date=time.strftime("%Y-%m-%d"),
+    )
+    sections = {
+        "ml1m": lambda: section_ml1m(work) if (ML1M / "sasrec" / "ml-1m.txt").exists() else {"skipped": "no ML-1M"},
+        "memory": lambda: section_memory(work, args.scale),
+        "duckdb": lambda: section_duckdb(work, args.scale, args.memory_limit),
+        "spark": lambda: section_spark(work, args.scale),
     }
-
-    if (ML1M / "sasrec" / "ml-1m.txt").exists():
-        out = work / "ml-1m"
-        wall, peak, stdout = run_lmrec(
-            "data", "prepare", "--source", "sasrec", "--input", ML1M / "sasrec" / "ml-1m.txt",
-            "--item-map", ML1M / "sasrec" / "sas_to_original_items.txt", "--items", ML1M / "raw" / "movies.dat",
-            "--out", out, "--overwrite", "--quiet",
-        )  # fmt: skip
-        manifest = json.loads((out / "manifest.json").read_text())
-        results["ml1m_prepare"] = {
-            "wall_s": round(wall, 2),
-            "peak_rss_gib": round(peak, 2),
-            "counts": manifest["counts"],
-        }
-        results["ml1m_reader"] = reader_tokens_per_second(out, max_len=200)
-        print(stdout)
-
-    out = work / "synthetic"
-    wall, peak, stdout = run_lmrec(
-        "data", "prepare", "--source", "synthetic", "--users", args.users, "--num-items", args.items,
-        "--events-per-user", args.events_per_user, "--out", out, "--overwrite", "--quiet", "--timings",
-    )  # fmt: skip
-    print(stdout)
-    manifest = json.loads((out / "manifest.json").read_text())
-    events = manifest["counts"]["events"]
-    phases = json.loads(re.search(r"timings: (\{.*\})", stdout).group(1))
-    results["synthetic_prepare"] = {
-        "shape": {"users": args.users, "items": args.items, "events_per_user": args.events_per_user},
-        "events": events,
-        "wall_s": round(wall, 2),
-        "events_per_s_end_to_end": round(events / wall),
-        "events_per_s_prepare_only": round(events / sum(v for k, v in phases.items() if k != "read")),
-        "peak_rss_gib": round(peak, 2),
-        "phases_s": phases,
-        "shard_bytes": sum(s["bytes"] for s in manifest["shards"]),
-        "goals": {"events_per_s": 1_000_000, "peak_rss_gib": 8},
-    }
-    results["synthetic_reader"] = reader_tokens_per_second(out, max_len=200)
-    results["goals"] = {"reader_tokens_per_s_per_worker": 2_000_000}
-
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    try:
+        for name in args.only.split(","):
+            print(f"== {name}", flush=True)
+            results[name] = sections[name]()
+            if args.scale != 1.0:
+                results[name]["scale"] = args.scale
+            print(json.dumps(results[name], indent=2), flush=True)
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     print(markdown(results))
 
 
 def markdown(r: dict) -> str:
     rows = ["| measure | result | goal |", "|---|---|---|"]
-    if "ml1m_prepare" in r:
-        c = r["ml1m_prepare"]["counts"]
-        rows.append(
-            f"| ML-1M prepare ({c['users']:,} users, {c['items']:,} items, {c['events']:,} events) | {r['ml1m_prepare']['wall_s']} s | |"
-        )
-        rows.append(f"| reader, ML-1M, 1 worker | {r['ml1m_reader']['tokens_per_s'] / 1e6:.2f} M tokens/s | ≥ 2 M |")
-    s = r["synthetic_prepare"]
-    rows.append(
-        f"| synthetic {s['events'] / 1e6:.0f} M events -> shards, end to end | {s['events_per_s_end_to_end'] / 1e6:.2f} M events/s ({s['wall_s']} s) | ≥ 1 M |"
-    )
-    rows.append(f"| same, peak memory | {s['peak_rss_gib']} GiB | ≤ 8 GiB |")
-    rows.append(
-        f"| reader, synthetic, 1 worker | {r['synthetic_reader']['tokens_per_s'] / 1e6:.2f} M tokens/s | ≥ 2 M |"
-    )
+    if "wall_s" in r.get("ml1m", {}):
+        c = r["ml1m"]["counts"]
+        rows.append(f"| ML-1M prepare ({c['users']:,} users, {c['events']:,} events) | {r['ml1m']['wall_s']} s | |")
+        rows.append(f"| reader, ML-1M, 1 worker | {r['ml1m']['reader']['tokens_per_s'] / 1e6:.2f} M tokens/s | |")
+
+    def line(name, s, goal_rate="", goal_rss=""):
+        if "wall_s" not in s:
+            return [f"| {name} | {s.get('skipped', 'not run')} | |"]
+        return [
+            f"| {name}: {s['events'] / 1e6:,.0f} M events, end to end | {s['events_per_s'] / 1e6:.2f} M events/s "
+            f"({s['wall_s']} s) | {goal_rate} |",
+            f"| {name}: peak summed RSS / extra disk | {s['peak_rss_gib']} GiB / {s['peak_disk_gib']} GiB | {goal_rss} |",
+        ]
+
+    if "memory" in r:
+        rows += line("in memory", r["memory"], "≥ 2 M/s")
+    if "duckdb" in r:
+        rows += line(f"out of core (duckdb, {r['duckdb'].get('memory_limit')})", r["duckdb"], "≥ 1 M/s", "≤ 8 GiB")
+    for name, s in r.get("spark", {}).items():
+        if name != "input" and isinstance(s, dict):
+            rows += line(f"spark {name}", s)
     return "\n".join(rows)
 
 

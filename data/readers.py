@@ -15,6 +15,7 @@ import ast
 import csv
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ def normalise_events(
     if df.height == 0 and not chunk:
         raise DataError(f"{path}: no events (the file has no data rows)")
     selected = {dst: df[src] for dst, src in columns.items() if src is not None}
-    bad = pl.Series("bad", [False] * df.height)
+    bad = pl.Series("bad", np.zeros(df.height, dtype=bool))
     problems: list[str] = []
 
     def flag(mask: pl.Series, column: str, what: str) -> None:
@@ -119,33 +120,37 @@ def normalise_events(
     out: dict[str, pl.Series] = {}
     for name in ("user", "item"):
         raw = selected[name]
-        flag(raw.is_null() | (raw.cast(pl.String).str.strip_chars() == ""), name, "is empty")
+        empty = (
+            raw.is_null() if raw.dtype.is_numeric() else raw.is_null() | (raw.cast(pl.String).str.strip_chars() == "")
+        )
+        flag(empty, name, "is empty")
         out[name] = (raw.cast(pl.Int64) if raw.dtype.is_integer() else raw.cast(pl.String)) if chunk else id_column(raw)
     if "ts" in selected:
         raw = selected["ts"]
         if raw.dtype.is_temporal():
             ts = raw.cast(pl.Datetime("us")).dt.epoch("s")
+        elif raw.dtype.is_numeric():  # typed sources (Parquet): no detour through text
+            ts = raw.cast(pl.Int64) if raw.dtype.is_integer() else raw.cast(pl.Float64)
         else:
             ts = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-        flag(ts.is_null() | ts.is_nan(), "ts", "is not a numeric timestamp")
-        out["ts"] = ts.fill_nan(None).cast(pl.Int64, strict=False)
+        flag(ts.is_null() | (ts.is_nan() if ts.dtype.is_float() else False), "ts", "is not a numeric timestamp")
+        out["ts"] = (ts.fill_nan(None) if ts.dtype.is_float() else ts).cast(pl.Int64, strict=False)
     if "action" in selected:
         raw = selected["action"]
         flag(raw.is_null(), "action", "is empty")
         out["action"] = raw.cast(pl.String)
     if "rating" in selected:
-        raw = selected["rating"].cast(pl.String).str.strip_chars()
-        rating = raw.cast(pl.Float64, strict=False)
-        flag(rating.is_null(), "rating", "is not a number")
-        # Ratings become actions: one action per distinct rating value ("4", "4.5").
-        integral = rating.fill_null(0.0) == rating.fill_null(0.0).floor()
-        out["action"] = (
-            pl.select(pl.when(integral).then(rating.cast(pl.Int64).cast(pl.String)).otherwise(rating.cast(pl.String)))
-            .to_series()
-            .alias("action")
+        raw = selected["rating"]
+        rating = (raw if raw.dtype.is_numeric() else raw.cast(pl.String).str.strip_chars()).cast(
+            pl.Float64, strict=False
         )
+        flag(rating.is_null(), "rating", "is not a number")
+        out["action"] = rating_actions(rating)
     if "weight" in selected:
-        weight = selected["weight"].cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+        raw = selected["weight"]
+        weight = (raw if raw.dtype.is_numeric() else raw.cast(pl.String).str.strip_chars()).cast(
+            pl.Float64, strict=False
+        )
         flag(weight.is_null(), "weight", "is not a number")
         out["weight"] = weight.cast(pl.Float32)
 
@@ -153,14 +158,23 @@ def normalise_events(
     n_bad = int(bad.sum())
     if n_bad:
         if on_bad_rows == "fail":
-            raise _bad_rows_error(problems, n_bad, "in this chunk of the file" if chunk else "in all")
+            raise bad_rows_error(problems, n_bad, "in this chunk of the file" if chunk else "in all")
         events = events.filter(~bad)
         if events.height == 0 and not chunk:
             raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
     return events, n_bad
 
 
-def _bad_rows_error(problems: list[str], n_bad: int, scope: str = "in all") -> DataError:
+def rating_actions(rating: pl.Series) -> pl.Series:
+    """Ratings become actions: one action per distinct rating value ("4", "4.5"). Named once per
+    distinct value, and held as an Enum (one byte per event at 10^8 events, not a string each)."""
+    values = rating.drop_nulls().unique()
+    names = [str(int(v)) if math.isfinite(v) and v == int(v) else str(v) for v in values.to_list()]
+    kinds = pl.Enum(sorted(set(names)))
+    return rating.replace_strict(values, names, default=None, return_dtype=kinds).alias("action")
+
+
+def bad_rows_error(problems: list[str], n_bad: int, scope: str = "in all") -> DataError:
     return DataError("; ".join(problems) + f" ({n_bad} bad rows {scope}; --on-bad-rows=skip drops them)")
 
 
@@ -266,7 +280,7 @@ def _drop_bad_lines(
     if on_bad_rows is None:
         raise DataError("; ".join(problems))
     if on_bad_rows != "skip":
-        raise _bad_rows_error(problems, n_bad)
+        raise bad_rows_error(problems, n_bad)
     kept = fields.filter(~bad)
     if kept.height == 0:
         raise DataError(f"{path}: every row is invalid ({n_bad} rows); first problem: {problems[0]}")
