@@ -129,7 +129,6 @@ def _stage_parquet(con, files: list[Path], columns: ColumnMap, on_bad_rows: str)
     """Stages typed Parquet files with DuckDB's own reader. Bad rows are missing values (and
     empty IDs), reported as data.readers.normalise_events words them: the file, the row, the
     column, for the first file that has any; ``skip`` drops and counts them."""
-    con.register("files", pl.DataFrame({"path": [str(p) for p in files], "idx": range(len(files))}).to_arrow())
 
     def q(name):
         return '"' + name.replace('"', '""') + '"'
@@ -146,23 +145,6 @@ def _stage_parquet(con, files: list[Path], columns: ColumnMap, on_bad_rows: str)
         if source:
             checks.append((source, f"{q(source)} IS NULL OR isnan({q(source)}::DOUBLE)", "is not a number"))
     is_bad = " OR ".join(f"({cond})" for _, cond, _ in checks)
-    scan = f"read_parquet({[str(p) for p in files]!r}, filename = true, file_row_number = true)"
-    per_file = _run(con, f"SELECT filename, count(*) FROM {scan} WHERE {is_bad} GROUP BY filename")
-    bad = dict(per_file)
-    if bad and on_bad_rows == "fail":
-        first = next(str(p) for p in files if str(p) in bad)
-        problems = []
-        for source, cond, what in checks:
-            row = _run(
-                con,
-                f"SELECT file_row_number, {q(source)} FROM {scan} WHERE filename = '{first}' AND ({cond}) "
-                "ORDER BY file_row_number LIMIT 1",
-            )
-            if row and len(problems) < 5:
-                number, value = row[0]
-                found = "no value" if value is None else f"{value!r} {what}"
-                problems.append(f"{first} row {number + 1}, column '{source}': {found}")
-        raise bad_rows_error(problems, bad[first])
     selected = [f"{q(columns.user)} AS user", f"{q(columns.item)} AS item"]
     if columns.timestamp:
         selected.append(f"{q(columns.timestamp)}::BIGINT AS ts")
@@ -173,16 +155,32 @@ def _stage_parquet(con, files: list[Path], columns: ColumnMap, on_bad_rows: str)
         selected.append(f"{q(columns.rating)}::DOUBLE AS action")
     if columns.weight:
         selected.append(f"{q(columns.weight)}::FLOAT AS weight")
-    selected.append(f"(files.idx << {SRC_ROW_BITS}) + file_row_number AS src")
-    _run(
-        con,
-        f"CREATE TABLE events AS SELECT {', '.join(selected)} FROM {scan} AS p "
-        f"JOIN files ON p.filename = files.path WHERE NOT ({is_bad})",
-    )
-    con.unregister("files")
+    bad = 0
+    for index, path in enumerate(files):
+        # One file at a time: its index is a constant, where a filename column would be a string
+        # compared on every row.
+        scan = f"read_parquet('{_sql_text(path)}', file_row_number = true)"
+        in_file = _run(con, f"SELECT count(*) FROM {scan} WHERE {is_bad}")[0][0]
+        if in_file and on_bad_rows == "fail":
+            problems = []
+            for source, cond, what in checks:
+                row = _run(con, f"SELECT file_row_number, {q(source)} FROM {scan} WHERE {cond} ORDER BY 1 LIMIT 1")
+                if row and len(problems) < 5:
+                    number, value = row[0]
+                    found = "no value" if value is None else f"{value!r} {what}"
+                    problems.append(f"{path} row {number + 1}, column '{source}': {found}")
+            raise bad_rows_error(problems, in_file)
+        bad += in_file
+        src = f"({index}::BIGINT << {SRC_ROW_BITS}) + file_row_number AS src"
+        rows = f"SELECT {', '.join(selected)}, {src} FROM {scan} WHERE NOT ({is_bad})"
+        _run(con, f"CREATE TABLE events AS {rows}" if index == 0 else f"INSERT INTO events {rows}")
     if not _count(con):
-        raise DataError(f"every row of {len(files)} file(s) is invalid ({sum(bad.values())} rows)")
-    return sum(bad.values())
+        raise DataError(f"every row of {len(files)} file(s) is invalid ({bad} rows)")
+    return bad
+
+
+def _sql_text(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def _run(con, sql: str) -> list:
@@ -349,6 +347,8 @@ def _run_tasks(spec, tmp: Path, parts: list, workers: int) -> list:
     if workers == 1 or len(tasks) == 1:
         return list(map(_write_part_task, tasks))
     # Spawned, not forked: DuckDB's threads may hold allocator locks that a forked child would
-    # inherit locked (the children then hang).
+    # inherit locked (the children then hang). One Polars thread each: the workers are the
+    # parallelism.
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
     with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
         return list(pool.imap_unordered(_write_part_task, tasks))

@@ -456,8 +456,13 @@ def iter_event_chunks(
                 path,
                 read_options=pcsv.ReadOptions(block_size=64 << 20),
                 parse_options=pcsv.ParseOptions(delimiter=sep, quote_char='"' if sep != "\t" else False),
+                # An empty field is missing, as Polars reads it for the in-memory path.
                 convert_options=pcsv.ConvertOptions(
-                    column_types={c: pa.string() for c in header.columns}, include_columns=wanted
+                    column_types={c: pa.string() for c in header.columns},
+                    include_columns=wanted,
+                    null_values=[""],
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
                 ),
             )
         except pa.ArrowException as e:
