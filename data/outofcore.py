@@ -32,7 +32,15 @@ from data.prepare import (
     sorted_times_at,
     time_cuts,
 )
-from data.readers import SRC_ROW_BITS, ColumnMap, bad_rows_error, event_files, iter_event_chunks
+from data.readers import (
+    SRC_ROW_BITS,
+    ColumnMap,
+    bad_rows_error,
+    event_files,
+    id_column,
+    iter_event_chunks,
+    staged_event_types,
+)
 from data.samples import write_part
 from data.shards import atomic_output_dir
 
@@ -45,43 +53,10 @@ def _duckdb():
     return duckdb
 
 
-def _staging_types(files: list[Path], columns: ColumnMap, fmt: str | None) -> dict[str, str]:
-    """DuckDB types of the staged event columns. IDs stay integers only when every file has them
-    as integers (Parquet); otherwise they are staged as read, as strings, and the vocabulary
-    decides (data.prepare.Vocabularies.keys)."""
-    import pyarrow.parquet as pq
-
-    ids = {"user": "BIGINT", "item": "BIGINT"}
-    for path in files:
-        kind = fmt or path.suffix.lower().lstrip(".")
-        if kind != "parquet":
-            ids = {"user": "VARCHAR", "item": "VARCHAR"}
-            break
-        schema = pq.read_schema(path)
-        for name, source in (("user", columns.user), ("item", columns.item)):
-            if source in schema.names and not pq_is_integer(schema.field(source).type):
-                ids[name] = "VARCHAR"
-    types = dict(ids)
-    if columns.timestamp:
-        types["ts"] = "BIGINT"
-    if columns.action or columns.rating:
-        types["action"] = "VARCHAR"
-    if columns.weight:
-        types["weight"] = "FLOAT"
-    types["src"] = "BIGINT"
-    return types
-
-
-def pq_is_integer(arrow_type) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_integer(arrow_type)
-
-
 def _ingest(con, files: list[Path], columns: ColumnMap, fmt: str | None, on_bad_rows: str) -> int:
     if _typed_parquet(files, columns, fmt):
         return _stage_parquet(con, files, columns, on_bad_rows)
-    types = _staging_types(files, columns, fmt)
+    types = staged_event_types(files, columns, fmt)
     _run(con, "CREATE TABLE events (" + ", ".join(f'"{k}" {v}' for k, v in types.items()) + ")")
     polars_types = {"BIGINT": pl.Int64, "VARCHAR": pl.String, "FLOAT": pl.Float32}
     bad = 0
@@ -288,6 +263,7 @@ def prepare_out_of_core(
             if staged == 0:
                 raise DataError(f"{path}: no events to prepare")
             phases.done("read")
+            _canonical_ids(con)
             features = features_of([c for c in ("ts", "action", "weight") if c in _event_columns(con)])
             dropped = {"bad_rows": bad_rows, "duplicates": 0, "k_core": 0}
             if cfg.min_user_events or cfg.min_item_events:
@@ -336,6 +312,20 @@ def prepare_out_of_core(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PrepareReport(manifest, sum(phases.seconds.values()), phases.seconds, notes)
+
+
+def _canonical_ids(con) -> None:
+    """IDs staged as strings that name the same integer (" 7", "07", "7") are one user or item,
+    as in memory, where data.readers.id_column decides over the whole input. The vocabulary maps
+    them to one index anyway, but k-core filtering counts before that, so when the strings are
+    all integers they become integers first."""
+    types = dict(_run(con, "SELECT column_name, column_type FROM (DESCRIBE events)"))
+    for column in ("user", "item"):
+        if types[column] == "VARCHAR" and id_column(_distinct(con, column)).dtype == pl.Int64:
+            _run(
+                con,
+                f"CREATE OR REPLACE TABLE events AS SELECT * REPLACE (trim({column})::BIGINT AS {column}) FROM events",
+            )
 
 
 def _event_columns(con) -> list[str]:

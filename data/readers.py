@@ -419,6 +419,34 @@ def read_events(
     return RawData(events.select(frames[0].columns), inputs=files, bad_rows=bad)
 
 
+def staged_event_types(files: list[Path], columns: ColumnMap, fmt: str | None) -> dict[str, str]:
+    """Types (DuckDB's names) of the event columns as the out-of-core and Spark engines stage
+    them. IDs stay integers only when every file has them as integers (Parquet); otherwise they
+    are staged as read, as strings, and the vocabulary decides (data.prepare.Vocabularies.keys)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = {"user": "BIGINT", "item": "BIGINT"}
+    for path in files:
+        kind = fmt or path.suffix.lower().lstrip(".")
+        if kind != "parquet":
+            ids = {"user": "VARCHAR", "item": "VARCHAR"}
+            break
+        schema = pq.read_schema(path)
+        for name, source in (("user", columns.user), ("item", columns.item)):
+            if source in schema.names and not pa.types.is_integer(schema.field(source).type):
+                ids[name] = "VARCHAR"
+    types = dict(ids)
+    if columns.timestamp:
+        types["ts"] = "BIGINT"
+    if columns.action or columns.rating:
+        types["action"] = "VARCHAR"
+    if columns.weight:
+        types["weight"] = "FLOAT"
+    types["src"] = "BIGINT"
+    return types
+
+
 # Bits of the source position below the file's index: ``src = file << SRC_ROW_BITS | row``
 # orders events across files as they were read, for ties in time and duplicates.
 SRC_ROW_BITS = 40

@@ -50,7 +50,7 @@ def build_index(
 ) -> tuple[pl.DataFrame, VocabChange | None]:
     """A frame (index, raw_id) covering ``values``. New values get indices after ``previous``'s,
     permuted with ``seed`` when ``shuffle`` (items), in sorted order otherwise (actions)."""
-    unique = _unique_sorted(values).alias("raw_id")
+    unique = unique_sorted(values).alias("raw_id")
     start, change = FIRST_INDEX, None
     known = None
     if previous is not None:
@@ -76,7 +76,9 @@ def _dense_int_range(values: pl.Series) -> tuple[int, int] | None:
     return (low, high) if high - low < max(4 * values.len(), 1 << 20) else None
 
 
-def _unique_sorted(values: pl.Series) -> pl.Series:
+def unique_sorted(values: pl.Series) -> pl.Series:
+    """The distinct values, sorted; integer IDs in a compact range by counting (several times
+    faster than hashing 10^8 events)."""
     dense = _dense_int_range(values)
     if dense is None:
         return values.unique().sort()
