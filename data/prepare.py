@@ -323,32 +323,36 @@ _SHARED: dict = {}
 
 def _write_part_task(task: tuple[int, int, int]) -> PartResult:
     part, lo, hi = task
-    columns = {name: values[lo:hi] for name, values in _SHARED["columns"].items()}
-    # A part holds its events in source order; a stable sort by (user, time) keeps that order
-    # among equal times.
-    keys = (columns["ts"], columns["user"]) if "ts" in columns else (columns["user"],)
-    order = np.lexsort(keys)
-    return write_part(_SHARED["spec"], {name: values[order] for name, values in columns.items()}, _SHARED["dir"], part)
+    columns = _SHARED["columns"]
+    # The part's events in source order; a stable sort by (user, time) keeps that order among
+    # equal times. The gathers run here, in the parallel workers, not in the driver.
+    rows = _SHARED["order"][lo:hi]
+    keys = (columns["ts"][rows], columns["user"][rows]) if "ts" in columns else (columns["user"][rows],)
+    rows = rows[np.lexsort(keys)]
+    return write_part(_SHARED["spec"], {name: values[rows] for name, values in columns.items()}, _SHARED["dir"], part)
 
 
-def _by_user_range(columns: dict[str, np.ndarray], n_users: int) -> tuple[dict, list[tuple[int, int, int]]]:
+def _by_user_range(user: np.ndarray, n_users: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """Events grouped into parts of whole users (consecutive codes, about PART_EVENTS events
-    each), in source order within a part; the (part, lo, hi) ranges. A stable sort of small part
-    numbers is a radix sort in numpy, linear in the events; sorting within the parts then runs in
-    the parallel workers, where a global sort by (user, time) took a third of the time."""
-    n = len(columns["user"])
+    each): the event order that groups them, in source order within a part, and the (part, lo,
+    hi) ranges of that order. A stable sort of small part numbers is a radix sort in numpy,
+    linear in the events; sorting within the parts then runs in the parallel workers, where a
+    global sort by (user, time) took a third of the time."""
+    n = len(user)
     n_parts = max(1, min(-(-n // PART_EVENTS), n_users))
-    part = (columns["user"] * n_parts // n_users).astype(np.int16 if n_parts < 1 << 15 else np.int32)
+    part = (user * n_parts // n_users).astype(np.int16 if n_parts < 1 << 15 else np.int32)
     order = np.argsort(part, kind="stable")
-    columns = {name: values[order] for name, values in columns.items()}
-    ends = np.cumsum(np.bincount(part, minlength=n_parts))
-    starts = ends - np.bincount(part, minlength=n_parts)
-    return columns, [(p, int(lo), int(hi)) for p, (lo, hi) in enumerate(zip(starts, ends)) if hi > lo]
+    counts = np.bincount(part, minlength=n_parts)
+    ends = np.cumsum(counts)
+    return order, [(p, int(hi - size), int(hi)) for p, (size, hi) in enumerate(zip(counts, ends)) if size]
 
 
-def run_parts(spec: SampleSpec, columns: dict, tmp: Path, tasks: list, workers: int, progress: bool) -> list:
-    """The per-user step over ``tasks`` in ``workers`` forked processes sharing ``columns``."""
-    _SHARED.update(columns=columns, spec=spec, dir=tmp)
+def run_parts(
+    spec: SampleSpec, columns: dict, order: np.ndarray, tmp: Path, tasks: list, workers: int, progress: bool
+) -> list:
+    """The per-user step over ``tasks`` (ranges of ``order``) in ``workers`` forked processes
+    sharing ``columns``."""
+    _SHARED.update(columns=columns, order=order, spec=spec, dir=tmp)
     bar = tqdm(total=sum(hi - lo for _, lo, hi in tasks), unit="event", desc="shards", disable=not progress)
     results = []
     try:
@@ -422,13 +426,13 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         if name in events.columns:
             columns[name] = events[name].to_numpy()
     del events
-    columns, tasks = _by_user_range(columns, vocab.users.len())
+    order, tasks = _by_user_range(columns["user"], vocab.users.len())
     phases.done("vocabulary")
 
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         spec = sample_spec(cfg, features, cuts)
-        results = run_parts(spec, columns, tmp, tasks, cfg.workers, cfg.progress)
-        del columns
+        results = run_parts(spec, columns, order, tmp, tasks, cfg.workers, cfg.progress)
+        del columns, order
         phases.done("write_shards")
         manifest, notes = finish(
             tmp, cfg, source, raw.inputs, features, vocab, results, dropped, raw.items, held_out, {"name": "memory"}
