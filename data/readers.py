@@ -413,6 +413,8 @@ def read_events(
         return RawData(frames[0], inputs=files, bad_rows=bad)
     # IDs are integers only when they are in every file (as id_column decides for one file).
     ids = {name: pl.concat([f[name].cast(pl.String) for f in frames]) for name in ("user", "item")}
+    if "action" in frames[0].columns:  # each file's rating Enum has its own values
+        frames = [f.with_columns(pl.col("action").cast(pl.String)) for f in frames]
     events = pl.concat([f.drop("user", "item") for f in frames], how="vertical_relaxed")
     for name in ("user", "item"):
         events = events.with_columns(id_column(ids[name]).alias(name))

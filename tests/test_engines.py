@@ -181,3 +181,18 @@ def test_exact_time_cuts_are_order_statistics():
 
     positions = [0, 1, 2600, 2650, 5299]
     assert sorted_times_at(grouped, positions) == np.sort(ts)[positions].tolist()
+
+
+def test_files_with_different_rating_values_are_one_log(tmp_path):
+    events = make_events().head(600).with_columns(pl.col("rating").cast(pl.Float64))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    events.head(300).write_csv(folder / "a.csv")
+    events.tail(300).with_columns(pl.col("rating") + 0.5).write_csv(folder / "b.csv")  # "1.5" ... "5.5"
+    raw = read_events(folder, COLUMNS)
+    kinds = set(raw.events["action"].unique().to_list())
+    assert any("." in k for k in kinds) and any("." not in k for k in kinds)
+    prepare(raw, PrepareConfig(out=tmp_path / "memory", progress=False), {})
+    cfg = PrepareConfig(out=tmp_path / "duckdb", engine="duckdb", workers=1, progress=False)
+    prepare_out_of_core(folder, COLUMNS, None, "fail", cfg, {})
+    assert_same_preparation(tmp_path / "memory", tmp_path / "duckdb")
