@@ -12,6 +12,12 @@ The generative story (defaults in ``SyntheticSpec``; they are fixed and document
 - Timestamps: each user starts at a random time and waits exponential gaps whose mean is
   lognormal around one day. Ratings 1..5 are higher for items in the user's topics.
 - Item text: a title and a genre that name the item's topic, so text carries real signal.
+- Popularity drift (``drift``, off by default): a popularity draw comes from a second,
+  independent popularity order with a probability that grows with the time of the user's previous
+  event, from 0 at the first possible start to ``drift`` at the last (users start over
+  ``START_SPAN`` seconds). Items popular only in the second order then mostly appear late, and
+  a model trained on the early events has learned the old popularity (benchmarks/retrain.py).
+  Its draws come from their own generator, so every other value is the same with or without it.
 
 What a model can learn: the successor structure (a first-order Markov chain) and the user's
 topics; popularity captures neither. Generation is vectorised over users, one step at a time.
@@ -28,6 +34,7 @@ from data.errors import DataError
 from data.readers import RawData
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "su", "ta", "vo", "zel", "pri", "dun", "ex", "or", "ni", "qua", "bel", "tor"]
+START, START_SPAN = 1_500_000_000, 100_000_000  # users start at a uniform time in [START, START + START_SPAN)
 _STYLES = ["classic", "deluxe", "mini", "pro", "vintage", "modern", "limited", "basic"]
 
 
@@ -43,6 +50,7 @@ class SyntheticSpec:
     markov: float = 0.5
     successors: int = 4
     text: bool = True
+    drift: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -52,6 +60,8 @@ class SyntheticSpec:
             raise DataError(f"synthetic markov must be in [0, 1], got {self.markov}")
         if self.events_per_user < self.min_events:
             raise DataError(f"events_per_user ({self.events_per_user}) must be >= min_events ({self.min_events})")
+        if not 0.0 <= self.drift <= 1.0:
+            raise DataError(f"synthetic drift must be in [0, 1], got {self.drift}")
         if not 1 <= self.topics_per_user <= self.topics:
             raise DataError(f"topics_per_user must be in [1, topics={self.topics}], got {self.topics_per_user}")
 
@@ -103,6 +113,13 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
     topic_ok = np.where(sampler.empty, item_topic[0], np.arange(spec.topics))
     successors = sampler.draw(np.repeat(item_topic, spec.successors), rng).reshape(n_items, spec.successors)
 
+    late = None
+    if spec.drift:
+        drift_rng = np.random.default_rng([spec.seed, 1])
+        late = _TopicSampler(
+            item_topic, (drift_rng.permutation(n_items) + 1.0) ** -spec.popularity_exponent, spec.topics
+        )
+
     user_topics = topic_ok[rng.integers(spec.topics, size=(n_users, spec.topics_per_user))]
     tail_mean = spec.events_per_user - spec.min_events + 1.0
     lengths = spec.min_events - 1 + rng.geometric(1.0 / tail_mean, size=n_users)
@@ -120,14 +137,18 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> RawData:
     items = np.empty(total, dtype=np.int32)
     ratings = np.empty(total, dtype=np.int8)
     ts = np.empty(total, dtype=np.int64)
-    clock = rng.integers(1_500_000_000, 1_600_000_000, size=n_users)
+    clock = rng.integers(START, START + START_SPAN, size=n_users)
     mean_gap = np.exp(rng.normal(np.log(86_400.0), 1.0, size=n_users)).astype(np.float32)
     prev = np.zeros(n_users, dtype=np.int32)
     rows = np.arange(n_users)
     at = 0
     for step, n in enumerate(active_at):
         topics = user_topics[:n]
-        choice = sampler.draw(topics[rows[:n], rng.integers(spec.topics_per_user, size=n)], rng)
+        picked = topics[rows[:n], rng.integers(spec.topics_per_user, size=n)]
+        choice = sampler.draw(picked, rng)
+        if late is not None:
+            share = spec.drift * np.clip((clock[:n] - START) / START_SPAN, 0.0, 1.0)
+            choice = np.where(drift_rng.random(n) < share, late.draw(picked, drift_rng), choice)
         if step > 0:
             follow = rng.random(n, dtype=np.float32) < spec.markov
             choice = np.where(follow, successors[prev[:n], rng.integers(spec.successors, size=n)], choice)

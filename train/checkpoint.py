@@ -171,17 +171,17 @@ def _row_blocks(tensor: ShardedTensor, rows: int) -> ShardedTensor:
     )
 
 
-class _RowBlockPlanner(DefaultLoadPlanner):
-    """Loads rows [start, start + len(out)) of one saved tensor into ``out``, in one process."""
+class _BlockPlanner(DefaultLoadPlanner):
+    """Loads the block of one saved tensor that starts at ``offsets`` and has ``out``'s shape
+    into ``out``, in one process."""
 
-    def __init__(self, key: str, start: int, out: torch.Tensor):
+    def __init__(self, key: str, offsets: list[int], out: torch.Tensor):
         super().__init__()
-        self.key, self.start, self.out = key, start, out
+        self.key, self.offsets, self.out = key, offsets, out
 
     def create_local_plan(self) -> LoadPlan:
         saved = self.metadata.state_dict_metadata[self.key]
-        offsets = torch.Size([self.start] + [0] * (self.out.dim() - 1))
-        chunk = ChunkStorageMetadata(offsets=offsets, sizes=self.out.shape)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.out.shape)
         return LoadPlan(create_read_items_for_chunk_list(self.key, saved, [chunk]))
 
     def resolve_tensor(self, read_item) -> torch.Tensor:
@@ -194,12 +194,32 @@ class _RowBlockPlanner(DefaultLoadPlanner):
 def read_table_rows(checkpoint: Path, table: str = ID_TABLE, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of one of a checkpoint's tables, reading only the blocks that hold them,
     in the dtype they were trained in (parallel.table_dtype)."""
-    reader = dcp.FileSystemReader(str(Path(checkpoint) / SPARSE))
-    saved = reader.read_metadata().state_dict_metadata[table]
-    size = saved.size
-    out = torch.empty((size[0] if stop is None else stop) - start, *size[1:], dtype=saved.properties.dtype)
-    dcp.load({table: out}, storage_reader=reader, planner=_RowBlockPlanner(table, start, out), no_dist=True)
+    reader = SparseReader(checkpoint)
+    size = reader.sizes[table]
+    out = torch.empty((size[0] if stop is None else stop) - start, *size[1:], dtype=reader.dtypes[table])
+    reader.read(table, [start] + [0] * (len(size) - 1), out)
     return out
+
+
+def optimizer_key(table: str, state: str, format_version: int = FORMAT_VERSION) -> str:
+    """The DCP key of the fused optimizer's ``state`` (TorchRec's name, ``item_table.momentum1``)
+    of ``table``."""
+    return f"optimizer/{_V1_OPTIMIZER_NAMES[table] if format_version == 1 else table}/{state}"
+
+
+class SparseReader:
+    """Blocks of a checkpoint's sparse tensors (tables and their optimizer state), read one at a
+    time into tensors the caller owns: the overlapping stored row blocks only, never a whole table."""
+
+    def __init__(self, checkpoint: Path):
+        self.reader = dcp.FileSystemReader(str(Path(checkpoint) / SPARSE))
+        stored = self.reader.read_metadata().state_dict_metadata
+        self.sizes = {key: md.size for key, md in stored.items() if hasattr(md, "size")}
+        self.dtypes = {key: md.properties.dtype for key, md in stored.items() if hasattr(md, "size")}
+
+    def read(self, key: str, offsets: list[int], out: torch.Tensor) -> None:
+        """Fills ``out`` with the block of ``key`` starting at ``offsets`` (cast to ``out``'s dtype)."""
+        dcp.load({key: out}, storage_reader=self.reader, planner=_BlockPlanner(key, offsets, out), no_dist=True)
 
 
 class TableState:
@@ -215,10 +235,8 @@ class TableState:
         optimizer = self.tables.fused_optimizer.state_dict()
         table_of = {key: table for table, key in self.tables.weight_names.items()}
         for param, entries in optimizer["state"].items():
-            table = table_of[param]
-            stored = _V1_OPTIMIZER_NAMES[table] if format_version == 1 else table
             for key, value in entries.items():
-                state[f"optimizer/{stored}/{key}"] = value
+                state[optimizer_key(table_of[param], key, format_version)] = value
         return state, optimizer
 
     def save(self, directory: Path) -> None:

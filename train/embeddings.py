@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -39,6 +40,14 @@ _OPTIMIZERS = {
 }
 _DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 INIT_STD = 0.02
+INIT_BLOCK = 1 << 16  # rows drawn from one generator
+
+
+def initial_rows(seed: int, block: int, dim: int, rows: int = INIT_BLOCK) -> torch.Tensor:
+    """The initial values of row block ``block`` (rows [block * rows, (block + 1) * rows)) of a
+    table seeded with ``seed``: Normal(0, INIT_STD)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+    return torch.randn(rows, dim, generator=g) * INIT_STD
 
 
 def _feature(table: str) -> str:
@@ -133,15 +142,14 @@ class ItemEmbeddings:
         return self.module.state_dict()[self.weight_names[table]].local_shards()
 
     @torch.no_grad()
-    def _initialise(self, table: str, seed: int, block: int = 1 << 16) -> None:
-        """Normal(0, INIT_STD) rows drawn from (seed, row block): the same table whatever the
+    def _initialise(self, table: str, seed: int, block: int = INIT_BLOCK) -> None:
+        """Rows drawn from (seed, row block) by ``initial_rows``: the same table whatever the
         sharding and world size, which is what makes sharded and unsharded runs comparable."""
         dim = self.specs[table].dim
         for shard in self._shards(table):
             (row0, col0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             for start in range(row0 - row0 % block, row0 + rows, block):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
-                values = torch.randn(block, dim, generator=g) * INIT_STD
+                values = initial_rows(seed, start // block, dim, block)
                 lo, hi = max(start, row0), min(start + block, row0 + rows)
                 if lo < hi:
                     shard.tensor[lo - row0 : hi - row0] = values[lo - start : hi - start, col0 : col0 + cols].to(
@@ -158,6 +166,28 @@ class ItemEmbeddings:
                 shard.tensor.zero_()
             else:
                 shard.tensor.copy_(values[row0 : row0 + rows, col0 : col0 + cols].to(shard.tensor))
+
+    def optimizer_state(self, table: str) -> dict[str, ShardedTensor]:
+        """The fused optimizer's state of ``table`` on this rank, by TorchRec's name
+        (``item_table.momentum1`` for row-wise Adagrad); views of what the optimizer updates, so
+        writing into their shards sets the state. Empty where this rank holds none of the table."""
+        return dict(self.fused_optimizer.state_dict()["state"].get(self.weight_names[table], {}))
+
+    @torch.no_grad()
+    def overwrite_rows(self, tensor: ShardedTensor, table: str, first: int, stop: int, read, block: int) -> None:
+        """Overwrites rows [first, stop) of this rank's shards of ``tensor``, ``table``'s weight or
+        a state of its optimizer, ``block`` rows at a time: ``read(part, start, columns, out)``
+        fills ``out`` with rows [start, start + len(out)) of column shard ``part`` from column
+        ``columns`` on. Row-wise optimizer state under column-wise sharding holds one value per
+        row and column shard, stacked: ``part`` k is its rows [k * rows, (k + 1) * rows)."""
+        rows = self.specs[table].rows
+        for shard in tensor.local_shards():
+            offsets, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes[0]
+            part, row0 = divmod(offsets[0], rows)
+            columns = offsets[1] if len(offsets) > 1 else 0
+            for start in range(max(first, row0), min(row0 + size, stop), block):
+                out = shard.tensor.narrow(0, start - row0, min(block, stop - start, row0 + size - start))
+                read(part, start, columns, out)
 
     def _features(self, table: str, ids: torch.Tensor, lengths: torch.Tensor) -> KeyedJaggedTensor:
         device = self.env.device

@@ -194,6 +194,15 @@ def load_source(path: str | Path, shards: str | Path | None = None) -> TrainedMo
     return _from_artifact(path)
 
 
+def item_encoder(config: RecommenderConfig, dense: dict[str, torch.Tensor]) -> ItemEncoder:
+    """The trained item encoder (its text projection) of a model's dense weights, in eval mode."""
+    encoder = ItemEncoder(config.architecture, config.text_dim)
+    encoder.load_state_dict(
+        {k.removeprefix("item_encoder."): v for k, v in dense.items() if k.startswith("item_encoder.")}
+    )
+    return encoder.eval()
+
+
 def _from_checkpoint(path: Path, shards) -> TrainedModel:
     from train.items import load_catalog
 
@@ -212,11 +221,7 @@ def _from_checkpoint(path: Path, shards) -> TrainedModel:
         return TrainedModel(path, CHECKPOINT, config, training, dense, tokens, rows)
     # A text-aware model's vectors are composed from the ID rows, the dense projection, the token
     # table and the items' text, block by block.
-    encoder = ItemEncoder(cfg, config.text_dim)
-    encoder.load_state_dict(
-        {k.removeprefix("item_encoder."): v for k, v in dense.items() if k.startswith("item_encoder.")}
-    )
-    encoder.eval()
+    encoder = item_encoder(config, dense)
     catalogs = []  # read on first use: --init-from needs no vectors, so no source shards either
 
     @torch.no_grad()

@@ -16,21 +16,27 @@ def check_device(cfg: Config) -> None:
         )
 
 
-def main(
-    config_path: str | None, overrides: list[str], resume: str | None = None, init_from: str | None = None
-) -> dict:
-    cfg = load_config(config_path, overrides)  # every config error surfaces before any process group
+def setup(config_path: str | None, overrides: list[str], init_from: str | None = None):
+    """The config and the ``--init-from`` source (train.pretrained.Pretrained, or None), with
+    every config, data and source error raised here, before any process group exists."""
+    cfg = load_config(config_path, overrides)
     from data.shards import load_manifest
-    from train.pretrained import check_pretrained, load_pretrained
-    from train.trainer import Trainer, check_data
+    from train.pretrained import load_pretrained
+    from train.trainer import check_data
 
     manifest = load_manifest(cfg.data.shards)
     check_data(cfg, manifest)
     check_device(cfg)
-    pretrained = None
-    if init_from:
-        pretrained = load_pretrained(init_from)
-        check_pretrained(pretrained, cfg, manifest.get("text"))
+    pretrained = load_pretrained(init_from, cfg, manifest) if init_from else None
+    return cfg, pretrained
+
+
+def main(
+    config_path: str | None, overrides: list[str], resume: str | None = None, init_from: str | None = None
+) -> dict:
+    cfg, pretrained = setup(config_path, overrides, init_from)
+    from train.trainer import Trainer
+
     env = compute_init(seed=cfg.schedule.seed)
     try:
         trainer = Trainer(cfg, env, pretrained)

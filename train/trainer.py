@@ -38,8 +38,8 @@ from train.evaluate import Evaluator, metrics_table
 from train.items import load_catalog, model_vocab, positive_actions
 from train.objectives import LossNormaliser, ObjectiveContext, StepBatch, StepItems, build_loss, choose_main
 from train.policy import Decision, StepPolicy, StepSignals, TrainState
-from train.pretrained import init_model
-from train.saved_model import TrainedModel, write_saved_model
+from train.pretrained import Pretrained, init_model
+from train.saved_model import write_saved_model
 from train.telemetry import LossLog, PhaseTimer, TrainingTelemetry
 
 
@@ -80,7 +80,7 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: ComputeEnv, pretrained: TrainedModel | None = None):
+    def __init__(self, cfg: Config, env: ComputeEnv, pretrained: Pretrained | None = None):
         import deepspeed
 
         self.cfg, self.env = cfg, env
@@ -107,7 +107,7 @@ class Trainer:
         torch.manual_seed(cfg.schedule.seed)
         model = SequenceRecommender(self.model_config)
         if pretrained is not None:
-            init_model(model, self.tables, pretrained, self.log)
+            init_model(model, self.tables, pretrained, cfg, self.log)
         if cfg.parallel.compile:
             compile_dense_blocks(model.backbone, self.log, env.device)
         self.train_data, self.train_loader = make_loader(
