@@ -25,21 +25,26 @@ def _table(rows: list[tuple[str, str]]) -> str:
 # lmrec data ...
 
 
+def _event_columns(args):
+    from data.readers import ColumnMap
+
+    return ColumnMap(
+        user=args.user_col,
+        item=args.item_col,
+        timestamp=args.time_col or None,
+        action=args.action_col,
+        rating=args.rating_col,
+        weight=args.weight_col,
+    )
+
+
 def _read_source(args):
     from data import readers
 
     if args.source != "synthetic" and args.input is None:
         raise readers.DataError(f"--source {args.source} needs --input PATH")
     if args.source == "events":
-        columns = readers.ColumnMap(
-            user=args.user_col,
-            item=args.item_col,
-            timestamp=args.time_col or None,
-            action=args.action_col,
-            rating=args.rating_col,
-            weight=args.weight_col,
-        )
-        return readers.read_events(args.input, columns, args.format, args.on_bad_rows)
+        return readers.read_events(args.input, _event_columns(args), args.format, args.on_bad_rows)
     if args.source == "sasrec":
         return readers.read_sasrec(args.input, args.item_map, args.items, args.on_bad_rows)
     if args.source == "sequences":
@@ -101,14 +106,7 @@ def _prepare_with_engine(args, cfg, source):
         )
     if (args.input is None) == (getattr(args, "table", None) is None):
         raise readers.DataError("--source events needs --input PATH or, with --engine spark, --table NAME")
-    columns = readers.ColumnMap(
-        user=args.user_col,
-        item=args.item_col,
-        timestamp=args.time_col or None,
-        action=args.action_col,
-        rating=args.rating_col,
-        weight=args.weight_col,
-    )
+    columns = _event_columns(args)
     if cfg.engine == "duckdb":
         if args.table is not None:
             raise readers.DataError("--table needs --engine spark (it names a table in Spark's catalog)")
