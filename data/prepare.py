@@ -151,12 +151,16 @@ class Vocabularies:
     users: pl.Series  # raw IDs in code order
     notes: list[str]
 
+    def user_table(self) -> pl.DataFrame:
+        """(index, raw_id): a user's code is its position in sorted ID order."""
+        return pl.DataFrame({"index": np.arange(self.users.len(), dtype=np.int64), "raw_id": self.users})
+
     def keys(self, what: str, raw: pl.Series) -> pl.DataFrame:
         """(raw, index) for every distinct source value ``raw`` of ``what`` ("item", "action",
         "user"): what an engine joins its events with. Values that name the same ID (" 7" and
         "7" where IDs are integers) get the same index."""
         if what == "user":
-            table = pl.DataFrame({"index": np.arange(self.users.len(), dtype=np.int64), "raw_id": self.users})
+            table = self.user_table()
         else:
             table = self.items if what == "item" else self.actions
         if what == "action":
@@ -233,9 +237,7 @@ def finish(
             notes.append(f"{missing} catalog items have text but no events; they are not in the vocabulary")
     if held_out is not None:
         items_table = items_table.with_columns(pl.col("raw_id").is_in(held_out.implode()).alias("held_out"))
-    users_table = pl.DataFrame(
-        {"index": np.arange(vocab.users.len(), dtype=np.int64), "raw_id": vocab.users, "events": combined.user_events}
-    )
+    users_table = vocab.user_table().with_columns(pl.Series("events", combined.user_events))
     _write_table(items_table, tmp / ITEMS_FILE)
     _write_table(users_table, tmp / USERS_FILE)
     written = [ITEMS_FILE, USERS_FILE]
@@ -417,8 +419,7 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
 
     actions = events["action"].unique().cast(pl.String) if "action" in events.columns else None
     vocab = build_vocabularies(cfg, catalog, unique_sorted(events["user"]), actions)
-    users = pl.DataFrame({"index": np.arange(vocab.users.len(), dtype=np.int64), "raw_id": vocab.users})
-    columns = {"user": lookup(events["user"], users)}
+    columns = {"user": lookup(events["user"], vocab.user_table())}
     columns["item"] = lookup(events["item"].cast(vocab.items["raw_id"].dtype), vocab.items).astype(np.int32)
     if vocab.actions is not None:
         columns["action"] = _action_indices(events["action"], vocab.actions)
@@ -434,9 +435,7 @@ def prepare(raw: RawData, cfg: PrepareConfig, source: dict) -> PrepareReport:
         results = run_parts(spec, columns, order, tmp, tasks, cfg.workers, cfg.progress)
         del columns, order
         phases.done("write_shards")
-        manifest, notes = finish(
-            tmp, cfg, source, raw.inputs, features, vocab, results, dropped, raw.items, held_out, {"name": "memory"}
-        )
+        manifest, notes = finish(tmp, cfg, source, raw.inputs, features, vocab, results, dropped, raw.items, held_out)
     phases.done("finish")
     return PrepareReport(manifest, sum(phases.seconds.values()), phases.seconds, notes)
 

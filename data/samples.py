@@ -19,7 +19,7 @@ import numpy as np
 
 from data import schema
 from data.errors import DataError
-from data.shards import ShardWriter
+from data.shards import SHARD_PATTERN, ShardWriter
 
 PART_SHARD = "part-{:06d}-{:05d}.tar"  # renamed to data.shards.SHARD_PATTERN once all parts are done
 
@@ -223,8 +223,6 @@ class Combined:
 def combine_parts(results: list[PartResult], directory: Path, n_users: int, n_items: int) -> Combined:
     """Puts the parts' results together and renames their shard files, in part order, to the
     final shard names (data.shards.SHARD_PATTERN)."""
-    from data.shards import SHARD_PATTERN
-
     results = sorted(results, key=lambda r: r.part)
     directory = Path(directory)
     shards, user_events = [], np.zeros(n_users, dtype=np.int64)
