@@ -29,6 +29,7 @@ from data.config import PrepareConfig
 from data.errors import DataError
 from data.readers import RawData, id_column, rating_actions
 from data.samples import PartResult, SampleSpec, combine_parts, write_part
+from data.semantic_ids import SEMANTIC_FILE, carry_semantic_ids
 from data.shards import MANIFEST, atomic_output_dir, sha256_file, write_json_atomic
 from data.text import (
     TEXT_COLUMNS,
@@ -249,6 +250,10 @@ def finish(
         text, encoded = _write_item_text(cfg, items_table, size, tmp / TEXT_FILE)
         notes.append(f"item text: {text['items_with_text']:,} items, {encoded:,} encoded now, the rest from the cache")
         written.append(TEXT_FILE)
+    semantic_ids = carry_semantic_ids(cfg.vocab_from, tmp, size, text) if cfg.vocab_from else None
+    if semantic_ids:
+        written.append(SEMANTIC_FILE)
+        notes.append(f"semantic IDs carried over; {semantic_ids['carried_from']['new_items']:,} new items encoded")
     files = {name: sha256_file(tmp / name) for name in written}
     split_counts = {s: sum(e["splits"][s] for e in combined.shards) for s in schema.SPLITS}
     manifest = {
@@ -283,6 +288,7 @@ def finish(
         "shards": combined.shards,
         "files": files,
         "text": text,
+        "semantic_ids": semantic_ids,
         "held_out_items": None if held_out is None else {"fraction": cfg.hold_out_items, "items": len(held_out)},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("progress",)},
     }

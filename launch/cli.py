@@ -135,6 +135,52 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def _model_item_vectors(source: Path, shards: Path, block: int = 1 << 16):
+    """(V, D) float32 item rows of a trained model, read a block at a time, and what they came from."""
+    import numpy as np
+
+    from data.shards import load_manifest
+    from serve.artifact import ArtifactError
+    from train.checkpoint import CheckpointError
+    from train.saved_model import SourceError, load_source
+
+    size = load_manifest(shards)["vocab"]["items"]
+    try:
+        trained = load_source(source, shards)
+        if trained.num_items != size:
+            raise UsageError(
+                f"--from-model {source}: {trained.num_items:,} item rows, but {shards} has {size:,} item indices; "
+                "the model was not trained on this vocabulary"
+            )
+        first = trained.rows(0, min(size, block)).float().numpy()
+        vectors = np.empty((size, first.shape[1]), dtype=np.float32)
+        vectors[: len(first)] = first
+        for start in range(len(first), size, block):
+            vectors[start : start + block] = trained.rows(start, min(size, start + block)).float().numpy()
+    except (SourceError, CheckpointError, ArtifactError) as e:
+        raise UsageError(f"--from-model {source}: {e}") from None
+    return vectors, {"path": str(source), "kind": trained.kind, "step": trained.training.get("step")}
+
+
+def cmd_data_semantic_ids(args) -> int:
+    from data.semantic_ids import build_semantic_ids
+
+    started = time.perf_counter()
+    vectors = info = None
+    if args.from_model is not None:
+        vectors, info = _model_item_vectors(args.from_model, args.shards)
+    entry = build_semantic_ids(
+        args.shards, args.levels, args.codes, args.seed, vectors, info, args.model_weight, args.overwrite
+    )
+    collisions = entry["collisions"]
+    print(
+        f"semantic IDs for {args.shards}: {entry['levels']} levels x {entry['codes']} codes + a dedup level; "
+        f"largest collision group {collisions['max_group']} ({collisions['items_with_suffix']:,} items with a "
+        f"suffix); {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
 def cmd_data_fetch(args) -> int:
     from data.readers import fetch_ml100k
 
@@ -207,6 +253,29 @@ def _add_data(sub) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser(
+        "semantic-ids",
+        help="semantic IDs for every item: residual k-means (FAISS) over its text vector, optionally with a model's",
+    )
+    p.add_argument("shards", type=Path, help="a shard directory prepared with --item-text")
+    p.add_argument(
+        "--from-model",
+        type=Path,
+        metavar="MODEL",
+        help="also quantise the item rows of a model trained on these shards (a saved model, checkpoint or artifact)",
+    )
+    p.add_argument(
+        "--levels",
+        type=int,
+        help="k-means levels before the dedup level; default: one to spare, with 256 codes 10^4 items -> 3, "
+        "10^5 to 10^7 -> 4, 10^8 -> 5",
+    )
+    p.add_argument("--codes", type=int, default=256, help="centroids per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-weight", type=float, default=1.0, help="length of the model part against the text's 1")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards' semantic IDs")
+    p.set_defaults(func=cmd_data_semantic_ids)
 
     p = data.add_parser("fetch-ml100k", help="download the embedded default data set (MovieLens-100k)")
     p.add_argument("--cache", type=Path, default=Path(".cache"))
@@ -335,6 +404,7 @@ def cmd_serve(args) -> int:
             raise UsageError(f"{flag} must be >= 0, got {value}")
     if args.max_batch_users < 1:
         raise UsageError(f"--max-batch-users must be >= 1, got {args.max_batch_users}")
+    _check_beam_width(args.beam_width)
     options = ServeOptions(
         max_body=args.max_body,
         threads=args.threads,
@@ -342,6 +412,7 @@ def cmd_serve(args) -> int:
         max_batch_users=args.max_batch_users,
         session_bytes=int(args.session_store_mb * (1 << 20)),
         search=args.search,
+        beam_width=args.beam_width,
     )
     try:
         run(args.artifact, args.host, args.port, args.workers, args.token_file, options)
@@ -350,10 +421,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_beam_width(beam_width: int | None) -> None:
+    if beam_width is not None and beam_width < 1:
+        raise UsageError(f"--beam-width must be >= 1, got {beam_width}")
+
+
 def cmd_score(args) -> int:
     from serve.artifact import ArtifactError
     from serve.offline import ScoringError, score
 
+    _check_beam_width(args.beam_width)
     columns = {"user": args.user_col, "item": args.item_col, "time": args.time_col, "action": args.action_col}
     try:
         summary = score(
@@ -369,6 +446,7 @@ def cmd_score(args) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             search=args.search,
+            beam_width=args.beam_width,
         )
     except (ArtifactError, ScoringError) as e:
         raise UsageError(str(e)) from None
@@ -459,6 +537,12 @@ def _add_serve(sub) -> None:
         default="auto",
         help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
     )
+    p.add_argument(
+        "--beam-width",
+        type=int,
+        help="semantic-ID models: the beam of the constrained beam search (default: the artifact's, its training "
+        "evaluation's); wider finds more of the most probable items, at more cost per request",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -494,6 +578,12 @@ def _add_serve(sub) -> None:
         choices=("auto", "exact", "index"),
         default="auto",
         help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
+    )
+    p.add_argument(
+        "--beam-width",
+        type=int,
+        help="semantic-ID models: the beam of the constrained beam search (default: the artifact's, its training "
+        "evaluation's); wider finds more of the most probable items, at more cost per request",
     )
     p.add_argument("--user-col", default="user")
     p.add_argument("--item-col", default="item")

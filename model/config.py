@@ -45,11 +45,17 @@ class ModelConfig:
     action_head: bool = False  # predict the next event's action from (history, next item)
     backbone_options: dict = field(default_factory=dict)  # passed to the transformers config as is
     # The item representation, input token and scoring target alike: the sum of the parts enabled
-    # (model.items). Text parts need shards prepared with --item-text. (The ID table is allocated
-    # either way.)
+    # (model.items). Text parts need shards prepared with --item-text. Without item_id the model
+    # has no table of the catalog's size.
     item_id: bool = True  # a learned embedding per item ID
     item_text: bool = False  # a learned projection of the item's pretrained sentence-encoder vector
     item_text_tokens: bool = False  # the mean of learned embeddings of the item's hashed text tokens
+    # The mean of learned embeddings of the item's semantic-ID codes (one table row per code of
+    # each level; shards given codes by `lmrec data semantic-ids`).
+    item_semantic_ids: bool = False
+    # Generate the next item's semantic ID level by level (model.semantic.CodeDecoder) instead of
+    # scoring item vectors: goes with loss.main=semantic_id.
+    semantic_id_head: bool = False
     # Training only: each step, leave out this fraction of the items' ID parts, so that the model
     # also learns to place an item by its text alone, as it must for a new item (DropoutNet).
     item_id_dropout: float = 0.0
@@ -72,12 +78,15 @@ class ModelConfig:
             raise ValueError("model sizes must be positive and model.temperature > 0")
         if not 0 <= self.item_id_dropout < 1:
             raise ValueError(f"model.item_id_dropout must be in [0, 1), got {self.item_id_dropout}")
-        if self.item_id_dropout and not (self.item_id and (self.item_text or self.item_text_tokens)):
+        if self.item_id_dropout and not (self.item_id and self.composed):
             raise ValueError(
-                "model.item_id_dropout needs model.item_id and a text part (item_text or item_text_tokens)"
+                "model.item_id_dropout needs model.item_id and a content part (item_text, item_text_tokens or "
+                "item_semantic_ids)"
             )
-        if not (self.item_id or self.item_text or self.item_text_tokens):
-            raise ValueError("model: at least one of item_id, item_text and item_text_tokens must be on")
+        if not (self.item_id or self.composed):
+            raise ValueError(
+                "model: at least one of item_id, item_text, item_text_tokens and item_semantic_ids must be on"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
@@ -90,6 +99,16 @@ class ModelConfig:
     @property
     def uses_text(self) -> bool:
         return self.item_text or self.item_text_tokens
+
+    @property
+    def composed(self) -> bool:
+        """An item vector has a content part besides (or instead of) its ID row: an item without
+        training events is placed by its content."""
+        return self.uses_text or self.item_semantic_ids
+
+    @property
+    def uses_semantic_ids(self) -> bool:
+        return self.item_semantic_ids or self.semantic_id_head
 
     def backbone_config(self):
         """The transformers config of the backbone. Token embeddings are unused (we feed
@@ -142,10 +161,20 @@ class RecommenderConfig(PreTrainedConfig):
     # The text features the item vectors were built from (encoder and tokenizer fingerprints):
     # an item added from text must be encoded the same way.
     text: dict | None = None
+    # The semantic IDs the code tables and the code decoder are sized for: {"level_sizes": [...]}
+    # (model.semantic; data.semantic_ids describes the rest in the shards' manifest).
+    semantic_ids: dict | None = None
 
     @classmethod
-    def build(cls, model: ModelConfig, vocab: dict, text: dict | None = None) -> RecommenderConfig:
-        """From a ModelConfig and vocabulary sizes ``{"items", "actions", "gaps", "text_dim"}``."""
+    def build(
+        cls, model: ModelConfig, vocab: dict, text: dict | None = None, semantic_ids: dict | None = None
+    ) -> RecommenderConfig:
+        """From a ModelConfig and vocabulary sizes ``{"items", "actions", "gaps", "text_dim"}``;
+        ``semantic_ids``: at least ``{"level_sizes": [...]}`` where the model uses them."""
+        if model.uses_semantic_ids and not (semantic_ids and semantic_ids.get("level_sizes")):
+            raise ValueError(
+                "model.item_semantic_ids / semantic_id_head need items with semantic IDs (lmrec data semantic-ids)"
+            )
         return cls(
             model=model.to_dict(),
             num_items=int(vocab["items"]),
@@ -153,11 +182,18 @@ class RecommenderConfig(PreTrainedConfig):
             num_gaps=int(vocab.get("gaps", 0)),
             text_dim=int(vocab.get("text_dim", 0)),
             text=text,
+            semantic_ids={"level_sizes": [int(c) for c in semantic_ids["level_sizes"]]}
+            if model.uses_semantic_ids
+            else None,
         )
 
     @property
     def architecture(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
+
+    @property
+    def level_sizes(self) -> list[int]:
+        return list(self.semantic_ids["level_sizes"]) if self.semantic_ids else []
 
     @property
     def vocab(self) -> dict:

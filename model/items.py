@@ -1,10 +1,11 @@
 """The item representation: how an item index becomes a vector, defined once.
 
 An item vector is the sum of the parts the model config enables: its ID row, a learned projection
-of its pretrained text vector, the mean of its text-token rows. The same vector is an input
+of its pretrained text vector, the mean of its text-token rows, the mean of its semantic-ID code
+rows. The same vector is an input
 token and a scoring target. Summing keeps one space for items with and without a part: an item
-with no training events has no trained ID row, so where a text part exists its ID part is left
-out and its text alone places it, a cold item included.
+with no training events has no trained ID row, so where a content part (text, semantic ID)
+exists its ID part is left out and its content alone places it, a cold item included.
 
 The learned rows live in tables that this module declares (``item_tables``) but does not own:
 training shards them with TorchRec (train.embeddings), everything else reads them as plain
@@ -32,6 +33,7 @@ from model.config import ModelConfig, RecommenderConfig
 RESERVED = 2
 ID_TABLE = "item_table"  # not "items": that name is taken by ModuleDict.items
 TOKEN_TABLE = "text_token_table"
+SEMANTIC_TABLE = "semantic_code_table"  # every level's codes, level l's rows after level l - 1's
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,14 @@ class TableSpec:
 
 def item_tables(config: RecommenderConfig) -> list[TableSpec]:
     """The tables a model's items are built from, in a fixed order (their initial values are
-    seeded by position)."""
+    seeded by position). A model without ID rows has no table of the catalog's size."""
     cfg = config.architecture
-    tables = [TableSpec(ID_TABLE, config.num_items, cfg.hidden_size)]
+    tables = [TableSpec(ID_TABLE, config.num_items, cfg.hidden_size)] if cfg.item_id else []
     if cfg.item_text_tokens:
         buckets = int(config.text["tokenizer"]["buckets"])
         tables.append(TableSpec(TOKEN_TABLE, buckets, cfg.hidden_size, pooled=True))
+    if cfg.item_semantic_ids:
+        tables.append(TableSpec(SEMANTIC_TABLE, sum(config.level_sizes), cfg.hidden_size, pooled=True))
     return tables
 
 
@@ -95,6 +99,8 @@ class ItemCatalog:
     text_vectors: torch.Tensor | None = None  # (V, text_dim) pretrained sentence-encoder vectors
     token_offsets: torch.Tensor | None = None  # (V + 1,) CSR offsets into token_ids
     token_ids: torch.Tensor | None = None  # hashed text-token indices (rows of TOKEN_TABLE)
+    # (V, L) semantic-ID codes per level, -1 rows for items without (padding, unknown)
+    semantic_codes: torch.Tensor | None = None
     # Items without training events (held out, or added later) have no trained ID row, and are
     # no training candidates: the catalog being learned is the items seen in training.
     has_id: torch.Tensor = field(init=False)  # (V,) bool
@@ -108,14 +114,23 @@ class ItemCatalog:
         shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
         return self.token_ids[torch.arange(int(lengths.sum())) + shift], lengths
 
+    def code_bags(self, ids: torch.Tensor, level_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of SEMANTIC_TABLE, lengths) of items ``ids``: one bag of L codes per item, each
+        level's code offset past the levels before it; items without codes get an empty bag."""
+        codes = self.semantic_codes[ids].to(torch.int64)
+        offsets = torch.cumsum(torch.tensor([0, *level_sizes[:-1]]), 0)
+        coded = codes[:, 0] >= 0
+        lengths = coded.to(torch.int64) * codes.shape[1]
+        return (codes[coded] + offsets).reshape(-1), lengths
+
 
 class ItemEncoder(nn.Module):
     """Item vectors from their enabled parts. Its own parameter (the text projection) is dense and
     trained with the model; the tables are handed in."""
 
-    def __init__(self, cfg: ModelConfig, text_dim: int = 0):
+    def __init__(self, cfg: ModelConfig, text_dim: int = 0, level_sizes: list[int] | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.level_sizes = cfg, list(level_sizes or [])
         if cfg.item_text and text_dim < 1:
             raise ValueError("model.item_text needs text vectors (shards prepared with --item-text)")
         self.text_projection = nn.Linear(text_dim, cfg.hidden_size, bias=False) if cfg.item_text else None
@@ -123,7 +138,7 @@ class ItemEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, tables: ItemTables, catalog: ItemCatalog) -> torch.Tensor:
         """(N, D) vectors of 1-D item indices ``ids`` (collective when ``tables`` are sharded)."""
         cfg = self.cfg
-        if not cfg.uses_text:
+        if not cfg.composed:
             return tables.lookup(ID_TABLE, ids)
         host_ids = ids.cpu()  # the catalog stays in host memory, whatever the training device
         parts = []
@@ -139,4 +154,6 @@ class ItemEncoder(nn.Module):
             parts.append(self.text_projection(text).float())
         if cfg.item_text_tokens:
             parts.append(tables.pool(TOKEN_TABLE, *catalog.token_bags(host_ids)))
+        if cfg.item_semantic_ids:
+            parts.append(tables.pool(SEMANTIC_TABLE, *catalog.code_bags(host_ids, self.level_sizes)))
         return torch.stack([p.float() for p in parts]).sum(0)

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from model.config import MODEL_TYPE, RecommenderConfig
 from model.items import ItemEncoder
+from model.semantic import CodeDecoder
 
 
 class SequenceRecommender(PreTrainedModel):
@@ -28,7 +29,7 @@ class SequenceRecommender(PreTrainedModel):
     def __init__(self, config: RecommenderConfig):
         super().__init__(config)
         cfg = self.cfg = config.architecture
-        self.item_encoder = ItemEncoder(cfg, config.text_dim)
+        self.item_encoder = ItemEncoder(cfg, config.text_dim, config.level_sizes)
         self.backbone = AutoModel.from_config(cfg.backbone_config())
         d = cfg.hidden_size
         num_actions = config.num_actions if cfg.use_actions else 0
@@ -39,6 +40,8 @@ class SequenceRecommender(PreTrainedModel):
         self.dropout = nn.Dropout(cfg.dropout)
         # Action head: [hidden state at t ; embedding of the item at t+1] -> P(positive action).
         self.action_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1)) if cfg.action_head else None
+        # Generates the next item's semantic ID instead of scoring item vectors (model.semantic).
+        self.code_decoder = CodeDecoder(d, config.level_sizes) if cfg.semantic_id_head else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

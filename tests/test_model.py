@@ -51,7 +51,7 @@ def test_padding_does_not_change_real_positions():
     ("kwargs", "message"),
     [
         ({"backbone": "no-such-model"}, "unknown transformers model type 'no-such-model'"),
-        ({"item_id": False}, "at least one of item_id, item_text and item_text_tokens"),
+        ({"item_id": False}, "at least one of item_id, item_text, item_text_tokens and item_semantic_ids"),
         ({"hidden_size": 10, "num_heads": 3}, "must be divisible"),
     ],
 )

@@ -596,7 +596,8 @@ class CheckpointManager:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "world_size": self.world_size,
                 "zero_stage": self.dense.zero_stage,
-                "sparse_plan": self.tables.tables.shard_plan(ID_TABLE),
+                # The item table's plan (the first table: the code table of a model without ID rows).
+                "sparse_plan": self.tables.tables.shard_plan(next(iter(self.tables.tables.specs))),
                 **self.describe,
                 **self.dense.meta(),
                 "data_signature": self.data.signature,

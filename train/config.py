@@ -138,12 +138,17 @@ class EvalConfig:
     # Evaluate a fixed sample of this fraction of the users (by a hash of the user index: the same
     # users at any world size); at 10^8 items each user costs 1.3e10 FLOPs at hidden 64.
     user_fraction: float = 1.0
+    # Semantic-ID models (loss.main=semantic_id): the beam of the constrained beam search. Its
+    # lists certify ranks below beam_width - 1, so HR@k and NDCG@k are reported for k < beam_width.
+    beam_width: int = 20
 
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1 or self.bootstrap_samples < 1:
             raise ConfigError("eval.ks must be a non-empty list of cut-offs >= 1, eval.bootstrap_samples >= 1")
         if self.score_block_rows < 1:
             raise ConfigError("eval.score_block_rows must be >= 1")
+        if self.beam_width < 2:
+            raise ConfigError(f"eval.beam_width must be >= 2, got {self.beam_width}")
         if not 0 < self.user_fraction <= 1:
             raise ConfigError(f"eval.user_fraction must be in (0, 1], got {self.user_fraction}")
 
@@ -246,6 +251,16 @@ class Config:
             raise ConfigError(
                 "model.action_head and the 'action' objective go together: set model.action_head=true and "
                 "loss.auxiliary.action=WEIGHT (0.5 in the recipes), or neither"
+            )
+        if self.model.semantic_id_head != (self.loss.main == "semantic_id"):
+            raise ConfigError(
+                "model.semantic_id_head and loss.main=semantic_id go together: the code decoder is what the "
+                "semantic_id objective trains, and it scores no item vectors"
+            )
+        if self.loss.main == "semantic_id" and self.eval.beam_width <= 10:
+            raise ConfigError(
+                f"eval.beam_width {self.eval.beam_width}: validation picks the best model by NDCG@10, which a beam "
+                "of at least 11 certifies"
             )
         if self.loss.main == "full_sharded" and self.parallel.sharding == "column_wise":
             raise ConfigError(

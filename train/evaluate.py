@@ -25,8 +25,16 @@ import torch
 import torch.distributed as dist
 
 from data.loader import LoaderConfig, iterate_epoch, make_loader
-from metrics import RankingMetrics, binary_metrics, blocked_target_ranks, popularity_scores, seen_blocks
+from metrics import (
+    RankingMetrics,
+    binary_metrics,
+    blocked_target_ranks,
+    popularity_scores,
+    ranks_from_top_k,
+    seen_blocks,
+)
 from model.modeling import SequenceRecommender
+from model.semantic import CodeTrie, beam_search
 
 _HASH = 0x9E3779B1  # Knuth's multiplicative hash (2^32 / golden ratio)
 
@@ -45,7 +53,9 @@ def in_user_sample(users: torch.Tensor, fraction: float) -> torch.Tensor:
 
 class Evaluator:
     """Scores one split of ``shards``: ``counts`` are the items' training-event counts (the
-    baseline, and what makes a target cold), ``positive_action`` the action head's labels."""
+    baseline, and what makes a target cold), ``positive_action`` the action head's labels.
+    ``trie``: the catalog's semantic IDs, for a model that generates them (its ranks come from
+    constrained beam search, exact below ``eval.beam_width - 1``)."""
 
     def __init__(
         self,
@@ -56,8 +66,10 @@ class Evaluator:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device = torch.device("cpu"),
+        trie: CodeTrie | None = None,
     ):
         self.shards, self.cfg, self.counts, self.positive_action = shards, cfg, counts, positive_action
+        self.trie = trie
         self.rank, self.world_size, self.device = rank, world_size, device
         self.num_items = len(counts)
 
@@ -72,14 +84,20 @@ class Evaluator:
             everyone = [None] * self.world_size
             dist.all_gather_object(everyone, users)
             users = {key: torch.cat([part[key] for part in everyone]) for key in users}
-        model_ranks, popularity_ranks = self._sweep(model, vectors, users)
+        generates = model.code_decoder is not None
+        model_ranks, popularity_ranks = self._sweep(model, vectors, users, score_model=not generates)
         ks = tuple(self.cfg.eval.ks)
-        model_metrics, popularity_metrics = RankingMetrics(), RankingMetrics()
+        max_rank, model_ks = None, ks
+        if generates:
+            model_ranks = self._generate(model, users)
+            max_rank = self.cfg.eval.beam_width - 1
+            model_ks = tuple(k for k in ks if k <= max_rank)
+        model_metrics, popularity_metrics = RankingMetrics(max_rank), RankingMetrics()
         model_metrics.update(model_ranks)
         popularity_metrics.update(popularity_ranks)
         result = {
             "split": split,
-            "model": model_metrics.compute(ks),
+            "model": model_metrics.compute(model_ks),
             "popularity": popularity_metrics.compute(ks),
             "model_ndcg10_ci": model_metrics.bootstrap("NDCG@10", samples=self.cfg.eval.bootstrap_samples),
         }
@@ -91,9 +109,9 @@ class Evaluator:
         cold = (self.counts[users["targets"]] == 0).numpy()
         if cold.any():
             for name, chosen in (("cold", cold), ("warm", ~cold)):
-                group = RankingMetrics()
+                group = RankingMetrics(max_rank)
                 group.update(model_ranks[torch.from_numpy(chosen)])
-                result[name] = group.compute(ks)
+                result[name] = group.compute(model_ks)
         if ranks_out is not None and self.rank == 0:
             _write_ranks(ranks_out, users=users["users"].numpy(), cold=cold, ranks=model_metrics.ranks, **extra)
         return result
@@ -160,8 +178,36 @@ class Evaluator:
             }
         return {key: torch.cat(values) for key, values in kept.items()}
 
-    def _sweep(self, model, vectors, users: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 2: every user's rank of its target, the model's and the popularity baseline's."""
+    def _generate(self, model, users: dict) -> torch.Tensor:
+        """Pass 2 of a semantic-ID model: each user's rank of its target in the beam search's list,
+        seen items excluded (the target itself stays a candidate, as in the sweep). Each rank
+        searches its share of the users; the ranks add up across ranks."""
+        cfg, device, world = self.cfg, self.device, self.world_size
+        beam, chunk = cfg.eval.beam_width, cfg.data.eval_batch_size
+        n = len(users["targets"])
+        ranks = torch.zeros(n, dtype=torch.int64)
+        offsets = torch.zeros(n + 1, dtype=torch.int64)
+        if cfg.eval.filter_seen:
+            offsets[1:] = torch.cumsum(users["seen_lengths"], 0)
+        for lo in range(self.rank * chunk, n, world * chunk):
+            hi = min(n, lo + chunk)
+            targets = users["targets"][lo:hi]
+            exclude = None
+            if cfg.eval.filter_seen:
+                exclude = []
+                for b in range(lo, hi):
+                    seen = users["seen_items"][offsets[b] : offsets[b + 1]]
+                    exclude.append(seen[seen != users["targets"][b]])
+            scores, items = beam_search(model.code_decoder, self.trie, users["hidden"][lo:hi].to(device), beam, beam,
+                                        exclude)  # fmt: skip
+            ranks[lo:hi] = ranks_from_top_k(items, scores.cpu(), targets)
+        if world > 1:
+            dist.all_reduce(ranks)
+        return ranks
+
+    def _sweep(self, model, vectors, users: dict, score_model: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2: every user's rank of its target, the model's (``score_model``) and the
+        popularity baseline's."""
         cfg, device, world = self.cfg, self.device, self.world_size
         block, chunk, num_items = cfg.eval.score_block_rows, cfg.data.eval_batch_size, self.num_items
         n = len(users["targets"])
@@ -191,10 +237,11 @@ class Evaluator:
             popularity = popularity_scores(self.counts[first:last]).to(device)
             for lo, hi, hidden, seen in chunks:
                 chunk_targets = targets[lo:hi].to(device)
-                model_ranks[lo:hi] += blocked_target_ranks(
-                    lambda a, b, hidden=hidden, rows=rows, first=first: model.scores(hidden, rows[a - first : b - first]),
-                    num_items, chunk_targets, users["target_scores"][lo:hi].to(device), seen, block, span=(first, last),
-                )  # fmt: skip
+                if score_model:
+                    model_ranks[lo:hi] += blocked_target_ranks(
+                        lambda a, b, hidden=hidden, rows=rows, first=first: model.scores(hidden, rows[a - first : b - first]),
+                        num_items, chunk_targets, users["target_scores"][lo:hi].to(device), seen, block, span=(first, last),
+                    )  # fmt: skip
                 popularity_ranks[lo:hi] += blocked_target_ranks(
                     lambda a, b, popularity=popularity, first=first: popularity[a - first : b - first],
                     num_items, chunk_targets, target_popularity[lo:hi], seen, block, span=(first, last),
@@ -218,7 +265,7 @@ def evaluate_source(source: str | Path, split: str = "test", shards: str | None 
     its own shards (or others with the same vocabulary), in one process."""
     from data.shards import load_manifest
     from train.config import config_from_dict
-    from train.items import load_counts, positive_actions
+    from train.items import load_counts, load_semantic_codes, positive_actions
     from train.saved_model import ARTIFACT, SourceError, load_source
 
     trained = load_source(source, shards)
@@ -231,7 +278,10 @@ def evaluate_source(source: str | Path, split: str = "test", shards: str | None 
         raise SourceError(f"{shards}: {items} item indices, the model was trained with {trained.num_items}")
     model = trained.model()
     positive = positive_actions(shards, trained.config.num_actions, cfg.loss.positive_action_min)
-    evaluator = Evaluator(shards, cfg, load_counts(shards, items), positive)
+    trie = None
+    if model.code_decoder is not None:
+        trie = CodeTrie.build(load_semantic_codes(shards, items), trained.config.level_sizes)
+    evaluator = Evaluator(shards, cfg, load_counts(shards, items), positive, trie=trie)
     table = trained.table()
     return evaluator(model, model, lambda ids: table[ids], split)
 
@@ -240,7 +290,7 @@ def metrics_table(result: dict) -> str:
     keys = [k for k in result["model"] if k != "users"]
     lines = [f"{'metric':<10}{'model':>10}{'popularity':>12}"]
     for key in keys:
-        lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'][key]:>12.4f}")
+        lines.append(f"{key:<10}{result['model'][key]:>10.4f}{result['popularity'].get(key, float('nan')):>12.4f}")
     low, high = result["model_ndcg10_ci"]
     lines.append(f"test users {result['model']['users']}; model NDCG@10 95% bootstrap interval [{low:.4f}, {high:.4f}]")
     for group in ("cold", "warm"):

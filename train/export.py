@@ -50,6 +50,28 @@ def _row_groups(items, columns: list[str]):
         yield from items.read_row_group(group, columns=columns).to_batches(max_chunksize=1 << 20)
 
 
+def _semantic_ids(trained, shards: Path):
+    """The shards' semantic IDs for a model trained with them (None for one without), checked
+    against the model's vocabulary and levels."""
+    from data.errors import DataError
+    from data.semantic_ids import SEMANTIC_FILE, load_semantic_ids
+
+    if not trained.config.architecture.uses_semantic_ids:
+        return None
+    try:
+        semantic = load_semantic_ids(shards)
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    if semantic is None:
+        raise ExportError(f"{shards}: no semantic IDs, and the model was trained with them (pass the shards it was)")
+    if len(semantic.codes) != trained.num_items or semantic.level_sizes != trained.config.level_sizes:
+        raise ExportError(
+            f"{shards / SEMANTIC_FILE}: {len(semantic.codes)} items with levels {semantic.level_sizes}, the model was "
+            f"trained with {trained.num_items} items and levels {trained.config.level_sizes}"
+        )
+    return semantic
+
+
 def export(
     source: Path,
     out: Path,
@@ -79,8 +101,11 @@ def export(
         )
     config = trained.training["config"]
     rows, dim = trained.num_items, trained.config.architecture.hidden_size
+    if spec is not None and trained.config.architecture.semantic_id_head:
+        raise ExportError("--index: a semantic-ID model ranks by beam search over its codes, not by item vectors")
     shards = Path(shards or config["data"]["shards"])
     vocab_batches, actions = _vocabulary(shards, rows)
+    semantic = _semantic_ids(trained, shards)
     artifact_config = {
         "model": trained.config.model,
         "vocab": trained.config.vocab,
@@ -93,12 +118,21 @@ def export(
             "batch_size": config["data"]["eval_batch_size"],
         },
     }
+    if semantic is not None:
+        artifact_config["semantic_ids"] = {
+            "level_sizes": semantic.level_sizes,
+            "beam_width": config["eval"]["beam_width"],
+            "inputs": semantic.inputs,
+        }
     origin = {trained.kind.replace(" ", "_"): str(trained.source), "step": trained.training["step"]}
     try:
         with ArtifactWriter(out, quant, artifact_config, rows, dim, overwrite=overwrite) as writer:
             writer.write_dense({k: v.float().numpy() for k, v in trained.dense.items()})
             if trained.text_tokens is not None:
                 writer.write_text_tokens(trained.text_tokens.numpy())
+            if semantic is not None:
+                table = None if trained.code_table is None else trained.code_table.float().numpy()
+                writer.write_semantic_ids(semantic.codes, semantic.level_sizes, semantic.quantizer, table)
             for start in range(0, rows, block_rows):
                 writer.write_items(start, trained.rows(start, min(rows, start + block_rows)).float().numpy())
             writer.write_vocab(vocab_batches())

@@ -36,11 +36,25 @@ def load_counts(shards: str | Path, num_items: int) -> torch.Tensor:
     return counts
 
 
-def load_catalog(shards: str | Path, num_items: int, with_text: bool) -> ItemCatalog:
-    """The catalog of ``shards``; ``with_text``: also the item text features (--item-text)."""
+def load_semantic_codes(shards: str | Path, num_items: int) -> torch.Tensor:
+    """Every item's semantic-ID codes (V, L), as `lmrec data semantic-ids` gave them."""
+    from data.semantic_ids import load_semantic_ids
+
+    semantic = load_semantic_ids(shards)
+    if semantic is None:
+        raise ValueError(f"{shards}: no semantic IDs; give the items codes with `lmrec data semantic-ids {shards}`")
+    if len(semantic.codes) != num_items:
+        raise ValueError(f"{shards}: semantic IDs for {len(semantic.codes)} items, the vocabulary has {num_items}")
+    return torch.from_numpy(semantic.codes)
+
+
+def load_catalog(shards: str | Path, num_items: int, with_text: bool, with_semantic: bool = False) -> ItemCatalog:
+    """The catalog of ``shards``; ``with_text``: also the item text features (--item-text);
+    ``with_semantic``: also the items' semantic IDs."""
     counts = load_counts(shards, num_items)
+    codes = load_semantic_codes(shards, num_items) if with_semantic else None
     if not with_text:
-        return ItemCatalog(counts)
+        return ItemCatalog(counts, semantic_codes=codes)
     from data.text import ItemTextFeatures
 
     spec = load_manifest(shards).get("text")
@@ -56,6 +70,7 @@ def load_catalog(shards: str | Path, num_items: int, with_text: bool) -> ItemCat
         torch.from_numpy(features.vectors),
         torch.from_numpy(features.token_offsets),
         torch.from_numpy(features.token_ids),
+        semantic_codes=codes,
     )
 
 

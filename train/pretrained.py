@@ -209,9 +209,11 @@ def init_model(model: torch.nn.Module, tables, pretrained: Pretrained, cfg: Conf
     if model.cfg.item_text_tokens and trained.text_tokens is not None:
         tables.set_rows(TOKEN_TABLE, trained.text_tokens)
         copied.append("text-token table")
-    if lineage is not None:
+    if lineage is not None and model.cfg.item_id:
         items = _continue_items(model.cfg, tables, trained, lineage, cfg.optim.sparse_optimizer)
-    elif model.cfg.uses_text:
+    elif not model.cfg.item_id:
+        items = "the model has no item ID rows"
+    elif model.cfg.composed:
         tables.set_rows(ID_TABLE, None)
         items = "item ID rows start at zero (items start as their text)"
     else:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from data.shards import atomic_output_dir, write_json_atomic
 from model.config import ModelConfig, RecommenderConfig
-from model.items import ID_TABLE, TOKEN_TABLE, ItemEncoder, PlainItemTables
+from model.items import ID_TABLE, SEMANTIC_TABLE, TOKEN_TABLE, ItemEncoder, PlainItemTables
 from model.modeling import SequenceRecommender
 from serve.tensorfile import BlockWriter, read_rows
 from train import checkpoint
@@ -69,6 +69,7 @@ class TrainedModel:
     text_tokens: torch.Tensor | None
     # rows(start, stop): items' scoring vectors, fp32, or fp16 where the table was trained in fp16
     rows: Callable[[int, int], torch.Tensor]
+    code_table: torch.Tensor | None = None  # the semantic-ID code table (model.item_semantic_ids)
 
     @property
     def num_items(self) -> int:
@@ -99,6 +100,7 @@ def write_saved_model(
     text_tokens: torch.Tensor | None,
     training: dict,
     block_rows: int = BLOCK_ROWS,
+    code_table: torch.Tensor | None = None,
 ) -> Path:
     """Writes a saved model into a temporary directory that replaces ``directory`` when complete.
     ``rows(start, stop)`` gives the items' scoring vectors a block at a time, so memory stays at a
@@ -109,6 +111,8 @@ def write_saved_model(
     tables = {"items": (np.float16 if first.dtype == torch.float16 else np.float32, (rows_total, dim))}
     if text_tokens is not None:
         tables["text_tokens"] = (np.float32, tuple(text_tokens.shape))
+    if code_table is not None:
+        tables["code_table"] = (np.float32, tuple(code_table.shape))
     with atomic_output_dir(Path(directory), overwrite=True) as tmp:
         # A meta-device model: save_pretrained writes the given weights, so none are allocated.
         with torch.device("meta"):
@@ -120,6 +124,8 @@ def write_saved_model(
                 writer.write("items", start, block.detach().cpu().numpy())
             if text_tokens is not None:
                 writer.write("text_tokens", 0, text_tokens.detach().float().cpu().numpy())
+            if code_table is not None:
+                writer.write("code_table", 0, code_table.detach().float().cpu().numpy())
         write_json_atomic(tmp / TRAINING, training)
     return Path(directory)
 
@@ -143,13 +149,16 @@ def read_saved_model(directory: Path) -> TrainedModel:
     tokens = None
     if config.architecture.item_text_tokens:
         tokens = torch.from_numpy(read_rows(directory / ITEMS, "text_tokens", 0, sys.maxsize).astype(np.float32))
+    code_table = None
+    if config.architecture.item_semantic_ids:
+        code_table = torch.from_numpy(read_rows(directory / ITEMS, "code_table", 0, sys.maxsize).astype(np.float32))
 
     def rows(start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(read_rows(directory / ITEMS, "items", start, stop).astype(np.float32))
 
     training.setdefault("step", None)
     training.setdefault("best_valid_ndcg10", None)
-    return TrainedModel(directory, SAVED_MODEL, config, training, dense, tokens, rows)
+    return TrainedModel(directory, SAVED_MODEL, config, training, dense, tokens, rows, code_table)
 
 
 # -- any source -----------------------------------------------------------------------------------
@@ -196,7 +205,7 @@ def load_source(path: str | Path, shards: str | Path | None = None) -> TrainedMo
 
 def item_encoder(config: RecommenderConfig, dense: dict[str, torch.Tensor]) -> ItemEncoder:
     """The trained item encoder (its text projection) of a model's dense weights, in eval mode."""
-    encoder = ItemEncoder(config.architecture, config.text_dim)
+    encoder = ItemEncoder(config.architecture, config.text_dim, config.level_sizes)
     encoder.load_state_dict(
         {k.removeprefix("item_encoder."): v for k, v in dense.items() if k.startswith("item_encoder.")}
     )
@@ -207,33 +216,43 @@ def _from_checkpoint(path: Path, shards) -> TrainedModel:
     from train.items import load_catalog
 
     meta = checkpoint.verify(path)
-    config = RecommenderConfig.build(ModelConfig.from_dict(meta["config"]["model"]), meta["vocab"], meta.get("text"))
+    config = RecommenderConfig.build(
+        ModelConfig.from_dict(meta["config"]["model"]), meta["vocab"], meta.get("text"), meta.get("semantic_ids")
+    )
     dense = checkpoint._load_safetensors(path / checkpoint.DENSE, prefix="weight/")
     progress = meta["progress"]
     training = {"config": meta["config"], "step": progress["step"], "best_valid_ndcg10": progress["best_ndcg"]}
     cfg = config.architecture
     tokens = checkpoint.read_table_rows(path, TOKEN_TABLE).float() if cfg.item_text_tokens else None
-    if not cfg.uses_text:
+    code_table = checkpoint.read_table_rows(path, SEMANTIC_TABLE).float() if cfg.item_semantic_ids else None
+    if not cfg.composed:
 
         def rows(start: int, stop: int) -> torch.Tensor:
             return checkpoint.read_table_rows(path, ID_TABLE, start, stop)
 
         return TrainedModel(path, CHECKPOINT, config, training, dense, tokens, rows)
-    # A text-aware model's vectors are composed from the ID rows, the dense projection, the token
-    # table and the items' text, block by block.
+    # A composed model's vectors are built from the ID rows, the dense projection, the token and
+    # code tables and the items' text and codes, block by block.
     encoder = item_encoder(config, dense)
     catalogs = []  # read on first use: --init-from needs no vectors, so no source shards either
 
     @torch.no_grad()
     def composed(start: int, stop: int) -> torch.Tensor:
         if not catalogs:
-            catalogs.append(load_catalog(shards or meta["config"]["data"]["shards"], config.num_items, with_text=True))
-        tables = {ID_TABLE: checkpoint.read_table_rows(path, ID_TABLE, start, stop)}
+            catalogs.append(
+                load_catalog(
+                    shards or meta["config"]["data"]["shards"], config.num_items, with_text=cfg.uses_text,
+                    with_semantic=cfg.item_semantic_ids,
+                )
+            )  # fmt: skip
+        tables = {ID_TABLE: checkpoint.read_table_rows(path, ID_TABLE, start, stop)} if cfg.item_id else {}
         if tokens is not None:
             tables[TOKEN_TABLE] = tokens
+        if code_table is not None:
+            tables[SEMANTIC_TABLE] = code_table
         return encoder(torch.arange(start, stop), PlainItemTables(tables, {ID_TABLE: start}), catalogs[0])
 
-    return TrainedModel(path, CHECKPOINT, config, training, dense, tokens, composed)
+    return TrainedModel(path, CHECKPOINT, config, training, dense, tokens, composed, code_table)
 
 
 def _from_artifact(path: Path) -> TrainedModel:
@@ -257,7 +276,9 @@ def _from_artifact(path: Path) -> TrainedModel:
         dense,
         None if tokens is None else torch.from_numpy(np.array(tokens, dtype=np.float32)),
         lambda start, stop: rec.items.dequantize(start, stop),
-    )
+        None if rec.semantic is None or rec.semantic.code_table is None
+        else torch.from_numpy(np.array(rec.semantic.code_table, dtype=np.float32)),
+    )  # fmt: skip
 
 
 def consolidate(source: Path, out: Path, block_rows: int = BLOCK_ROWS, log=print) -> Path:
@@ -267,7 +288,9 @@ def consolidate(source: Path, out: Path, block_rows: int = BLOCK_ROWS, log=print
     if trained.kind != CHECKPOINT:
         raise SourceError(f"{trained.source}: a {trained.kind}, not a training checkpoint; nothing to consolidate")
     training = {**trained.training, "source_checkpoint": str(trained.source)}
-    write_saved_model(out, trained.config, trained.dense, trained.rows, trained.text_tokens, training, block_rows)
+    write_saved_model(
+        out, trained.config, trained.dense, trained.rows, trained.text_tokens, training, block_rows, trained.code_table
+    )
     log(
         f"consolidated {trained.source} (step {training['step']}) into {out}: {trained.num_items:,} x "
         f"{trained.config.architecture.hidden_size} item table"

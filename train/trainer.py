@@ -19,8 +19,9 @@ import torch.distributed as dist
 from data.loader import LoaderConfig, iterate_epoch, make_loader
 from data.shards import load_manifest, write_text_atomic
 from model.config import RecommenderConfig
-from model.items import RESERVED, TOKEN_TABLE, item_tables
+from model.items import RESERVED, SEMANTIC_TABLE, TOKEN_TABLE, item_tables
 from model.modeling import SequenceRecommender
+from model.semantic import CodeTrie
 from train.checkpoint import (
     BLOCK_ROWS,
     CheckpointManager,
@@ -56,6 +57,11 @@ def check_data(cfg: Config, manifest: dict) -> None:
             f"model.item_text / item_text_tokens need item text features; {cfg.data.shards} was prepared without "
             "--item-text"
         )
+    if cfg.model.uses_semantic_ids and not manifest.get("semantic_ids"):
+        raise ConfigError(
+            f"model.item_semantic_ids / semantic_id_head need semantic IDs; give {cfg.data.shards}'s items codes with "
+            f"`lmrec data semantic-ids {cfg.data.shards}`"
+        )
     if cfg.model.action_head and "action" not in manifest["features"]:
         raise ConfigError(f"model.action_head needs actions (event types or ratings), and {cfg.data.shards} has none")
 
@@ -88,13 +94,16 @@ class Trainer:
         manifest = load_manifest(cfg.data.shards)
         check_data(cfg, manifest)
         text = manifest.get("text") if cfg.model.uses_text else None
-        self.model_config = RecommenderConfig.build(cfg.model, model_vocab(manifest, cfg.model), text)
+        semantic = manifest.get("semantic_ids") if cfg.model.uses_semantic_ids else None
+        self.model_config = RecommenderConfig.build(cfg.model, model_vocab(manifest, cfg.model), text, semantic)
         self.num_items = self.model_config.num_items
         if cfg.loss.main == "auto":
             # Resolved once, here, so that checkpoints and metrics record the objective that ran.
             cfg.loss.main = choose_main(cfg.loss, self.num_items, env.world_size, cfg.parallel.sharding)
             self.log(f"loss.main auto: {cfg.loss.main} ({self.num_items:,} items, {env.world_size} ranks)")
-        self.catalog = load_catalog(cfg.data.shards, self.num_items, with_text=cfg.model.uses_text)
+        self.catalog = load_catalog(
+            cfg.data.shards, self.num_items, with_text=cfg.model.uses_text, with_semantic=cfg.model.uses_semantic_ids
+        )
         self.tables = ItemEmbeddings(
             item_tables(self.model_config),
             env,
@@ -154,8 +163,11 @@ class Trainer:
                 group=dist.group.WORLD if dist.is_initialized() else None,
             )
         )
+        trie = (
+            CodeTrie.build(self.catalog.semantic_codes, self.model_config.level_sizes) if model.code_decoder else None
+        )
         self.evaluator = Evaluator(
-            cfg.data.shards, cfg, self.catalog.counts, self.positive_action, env.rank, env.world_size, env.device
+            cfg.data.shards, cfg, self.catalog.counts, self.positive_action, env.rank, env.world_size, env.device, trie
         )
         self.state = TrainState()
         self.normaliser = LossNormaliser(cfg.loss.normaliser, env.device)
@@ -173,6 +185,7 @@ class Trainer:
                 "config": cfg.to_dict(),
                 "vocab": self.model_config.vocab,
                 "text": text,
+                "semantic_ids": self.model_config.semantic_ids,
                 "precision": cfg.parallel.precision,
                 "sharding": cfg.parallel.sharding,
             },
@@ -258,7 +271,8 @@ class Trainer:
         """The vectors of every item the step scores, in one lookup (one collective)."""
         if self.loss_fn.needs_all_items:
             return StepItems(self.item_vectors(torch.arange(self.num_items)))
-        wanted = [step.inputs.reshape(-1), step.targets, *self.loss_fn.extra_items(samples)]
+        targets = [step.targets] if self.loss_fn.scores_targets else []
+        wanted = [step.inputs.reshape(-1), *targets, *self.loss_fn.extra_items(samples)]
         ids = torch.unique(torch.cat(wanted))
         return StepItems(self.item_vectors(ids), ids)
 
@@ -291,8 +305,9 @@ class Trainer:
         import deepspeed
 
         tokens = self.tables.full(TOKEN_TABLE) if self.cfg.model.item_text_tokens else None
+        code_table = self.tables.full(SEMANTIC_TABLE) if self.cfg.model.item_semantic_ids else None
         # Where the vectors are the ID rows themselves, they are stored in the table's dtype.
-        half = self.cfg.parallel.table_dtype == "fp16" and not self.model_config.architecture.uses_text
+        half = self.cfg.parallel.table_dtype == "fp16" and not self.model_config.architecture.composed
 
         @torch.no_grad()
         def rows(start: int, stop: int) -> torch.Tensor:  # collective
@@ -310,7 +325,7 @@ class Trainer:
         # The table streams in blocks, never whole on a rank; the other ranks take part in each
         # block's lookup in the order write_saved_model asks for them (BLOCK_ROWS from row 0).
         if self.env.is_main:
-            write_saved_model(directory, self.model_config, dense, rows, tokens, training, BLOCK_ROWS)
+            write_saved_model(directory, self.model_config, dense, rows, tokens, training, BLOCK_ROWS, code_table)
         else:
             for start in range(0, self.num_items, BLOCK_ROWS):
                 rows(start, min(self.num_items, start + BLOCK_ROWS))

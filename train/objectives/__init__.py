@@ -3,7 +3,7 @@ registry; every objective implements train.objectives.base.Objective."""
 
 from __future__ import annotations
 
-from train.objectives import action, bce, full, full_sharded, in_batch, sampled
+from train.objectives import action, bce, full, full_sharded, in_batch, sampled, semantic
 from train.objectives.base import (
     LossNormaliser,
     Objective,
@@ -20,6 +20,7 @@ REGISTRY: dict[str, type[Objective]] = {
     "in_batch": in_batch.InBatchSoftmax,
     "action": action.ActionHead,
     "bce": bce.BinaryCrossEntropy,
+    "semantic_id": semantic.SemanticIdGeneration,
 }
 
 

@@ -136,7 +136,9 @@ class StepItems:
         self.vectors, self.ids = vectors, ids
 
     def __call__(self, items: torch.Tensor) -> torch.Tensor:
-        return self.vectors[items] if self.ids is None else self.vectors[torch.searchsorted(self.ids, items)]
+        return (
+            self.vectors[items] if self.ids is None else self.vectors[torch.searchsorted(self.ids, items.contiguous())]
+        )
 
     @property
     def table(self) -> torch.Tensor:
@@ -150,6 +152,7 @@ class Objective(ABC):
     name: ClassVar[str]
     predicts_next_item: ClassVar[bool] = True  # False: an auxiliary task (it cannot be the main objective)
     needs_all_items: ClassVar[bool] = False  # scores the whole catalog: the step looks every item up
+    scores_targets: ClassVar[bool] = True  # reads the targets' item vectors (the step looks them up)
 
     def __init__(self, ctx: ObjectiveContext):
         self.ctx = ctx
@@ -173,6 +176,7 @@ class WeightedObjectives:
     def __init__(self, terms: list[tuple[Objective, float]]):
         self.terms = terms
         self.needs_all_items = any(o.needs_all_items for o, _ in terms)
+        self.scores_targets = any(o.scores_targets for o, _ in terms)
 
     def sample(self, step: StepBatch) -> list[torch.Tensor | None]:
         return [o.sample(step) for o, _ in self.terms]
