@@ -16,6 +16,15 @@ An artifact is a directory:
 - ``text.safetensors`` (text-aware models only): the text-token table, quantized like the dense
   weights. With the projection in ``model.safetensors`` and the encoder and tokenizer named in
   ``config.json`` (``text``), it is what builds the vector of an item added from text alone.
+- ``semantic_ids.safetensors`` (models with semantic IDs only, data.semantic_ids): ``codes``,
+  every item's code tuple (V, L) int32, -1 rows for padding and unknown; the prefix trie of those
+  tuples that beam search walks (``trie.*``, model.semantic.CodeTrie.tensors), stored so that
+  loading checks it against the codes instead of sorting 10^8 tuples; the residual quantizer
+  (``quantizer.mean``, ``quantizer.centroids.<level>``), so that an item added later gets its codes
+  the way the catalog's items got theirs; and for ``item_semantic_ids`` models ``code_table``, the
+  learned code rows (fp32: L x C rows are few), from which an added item's vector is pooled.
+  ``config.json`` has ``semantic_ids``: the level sizes, the default beam width (the training
+  evaluation's), and the quantizer's inputs (text encoder fingerprint, model part or None).
 - ``index.faiss`` (artifacts exported with ``--index`` only): an approximate nearest-neighbour
   index of the stored rows (serve.index); ``config.json`` names it and its parameters (``index``).
 - ``manifest.json``: format version, size and sha256 of every other file, the source checkpoint,
@@ -27,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +53,7 @@ MODEL = "model.safetensors"
 ITEMS = "items.safetensors"
 VOCAB = "vocab.parquet"
 TEXT = "text.safetensors"
+SEMANTIC = "semantic_ids.safetensors"
 MANIFEST = "manifest.json"
 QUANTS = ("int8", "int4", "fp16", "fp32")
 SCALE, OFFSET = ".scale", ".offset"
@@ -50,6 +61,17 @@ SCALE, OFFSET = ".scale", ".offset"
 
 class ArtifactError(ValueError):
     """An artifact that is missing, altered, or of another format version."""
+
+
+@dataclass
+class SemanticIdTables:
+    """The contents of ``semantic_ids.safetensors``, as numpy arrays."""
+
+    codes: np.ndarray  # (V, L) int32 by item index, -1 rows for items without codes
+    trie: dict[str, np.ndarray]  # model.semantic.CodeTrie.tensors() of ``codes``
+    mean: np.ndarray  # the residual quantizer's (dim,) centre
+    centroids: list[np.ndarray]  # its (C, dim) centroids, one array per k-means level
+    code_table: np.ndarray | None = None  # (sum of level sizes, D) fp32, for item_semantic_ids models
 
 
 def item_tensors(quant: str, rows: int, dim: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -99,6 +121,34 @@ class ArtifactWriter:
 
     def write_text_tokens(self, table: np.ndarray) -> None:
         self._write_weights(TEXT, {"text_tokens": table})
+
+    def write_semantic_ids(
+        self, codes: np.ndarray, level_sizes: list[int], quantizer, code_table: np.ndarray | None = None
+    ) -> None:
+        """The items' codes (V, L), their trie (built here, so it always matches them), the
+        quantizer (``mean`` and ``centroids``, data.semantic_ids.ResidualQuantizer) and the code
+        table of an item_semantic_ids model."""
+        import torch
+        from safetensors.numpy import save_file
+
+        from model.semantic import CodeTrie, TrieError
+
+        codes = np.ascontiguousarray(codes, dtype=np.int32)
+        if codes.shape != (self.num_items, len(level_sizes)):
+            raise ArtifactError(
+                f"semantic IDs of shape {codes.shape}, expected ({self.num_items}, {len(level_sizes)}) for the item table"
+            )
+        try:
+            trie = CodeTrie.build(torch.from_numpy(codes), level_sizes)
+        except TrieError as e:
+            raise ArtifactError(f"semantic IDs: {e}") from None
+        tensors = {"codes": codes, "quantizer.mean": np.ascontiguousarray(quantizer.mean, dtype=np.float32)}
+        tensors |= {k: v.numpy() for k, v in trie.tensors().items()}
+        for level, centroids in enumerate(quantizer.centroids):
+            tensors[f"quantizer.centroids.{level}"] = np.ascontiguousarray(centroids, dtype=np.float32)
+        if code_table is not None:
+            tensors["code_table"] = np.ascontiguousarray(code_table, dtype=np.float32)
+        save_file(tensors, str(self.dir / SEMANTIC))
 
     def copy_file(self, source: Path) -> None:
         """A file of another artifact, unchanged (the dense weights when only items are added)."""
@@ -176,7 +226,7 @@ class ArtifactWriter:
             self._items = None
         write_json_atomic(self.dir / CONFIG, self.config)
         files = sorted(p.name for p in self.dir.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
-        for required in (CONFIG, MODEL, ITEMS, VOCAB):
+        for required in (CONFIG, MODEL, ITEMS, VOCAB) + ((SEMANTIC,) if self.config.get("semantic_ids") else ()):
             if required not in files:
                 raise ArtifactError(f"{self.out}: {required} was never written")
         self.manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -254,6 +304,8 @@ def read(path: Path, check: bool = True) -> tuple[dict, dict, dict[str, np.ndarr
     index = config.get("index")
     if index is not None and check and index.get("file") not in manifest.get("files", {}):
         raise ArtifactError(f"{path / MANIFEST}: lists no {index.get('file')}, the item index {CONFIG} names")
+    if config.get("semantic_ids") is not None and check and SEMANTIC not in manifest.get("files", {}):
+        raise ArtifactError(f"{path / MANIFEST}: lists no {SEMANTIC}, the semantic IDs {CONFIG} names")
     try:
         dense = dequantize_dense(map_tensors(path / MODEL))
         items = map_tensors(path / ITEMS)
@@ -279,3 +331,34 @@ def read_text_tokens(path: Path) -> np.ndarray | None:
         return dequantize_dense(map_tensors(path / TEXT))["text_tokens"]
     except (ValueError, KeyError) as e:
         raise ArtifactError(f"{path / TEXT}: cannot be read ({e})") from None
+
+
+def read_semantic_ids(path: Path, config: dict) -> SemanticIdTables | None:
+    """The semantic IDs of an artifact whose ``config`` names them (memory-mapped); None otherwise.
+    Shapes are checked here; whether the trie matches the codes, by the loader."""
+    path = Path(path)
+    entry = config.get("semantic_ids")
+    if entry is None:
+        return None
+    file = path / SEMANTIC
+    if not file.exists():
+        raise ArtifactError(f"{file}: missing; {CONFIG} names semantic IDs")
+    try:
+        tensors = map_tensors(file)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+    level_sizes = entry.get("level_sizes") or []
+    codes = tensors.get("codes")
+    if codes is None or codes.ndim != 2 or codes.dtype != np.int32 or codes.shape[1] != len(level_sizes):
+        raise ArtifactError(
+            f"{file}: 'codes' should be int32 (items, {len(level_sizes)}), the levels {CONFIG} names, "
+            f"got {None if codes is None else (codes.dtype, codes.shape)}"
+        )
+    levels = sum(1 for name in tensors if name.startswith("quantizer.centroids."))
+    try:
+        centroids = [tensors[f"quantizer.centroids.{level}"] for level in range(levels)]
+        mean = tensors["quantizer.mean"]
+    except KeyError as e:
+        raise ArtifactError(f"{file}: no tensor {e}") from None
+    trie = {name: value for name, value in tensors.items() if name.startswith("trie.")}
+    return SemanticIdTables(codes, trie, mean, centroids, tensors.get("code_table"))

@@ -2,10 +2,15 @@
 
 A text-aware model places any item by its text: the new item's vector is the projection of its
 sentence-encoder vector plus its pooled text-token embeddings, with no ID part (it has no
-training events), exactly as training and evaluation treat an item without training events. The
-existing rows, dense weights and text table are copied unchanged, so the old items score as
-before; the result is a new artifact, verified and published atomically, that ``lmrec serve``
-loads or reloads like any other.
+training events), exactly as training and evaluation treat an item without training events. A
+model with semantic IDs gives the new item its codes from the artifact's own quantizer and the
+item's text vector (with a zero model part where the quantizer also read a model's rows: the
+new item has none), as ``lmrec data prepare --vocab-from`` gives a new item in the shards; its
+vector is then its pooled code rows (plus its text parts where the model has them), and the
+code trie is rebuilt with it, so that beam search can return it. The existing rows, dense
+weights, text table and codes are copied unchanged, so the old items score as before; the
+result is a new artifact, verified and published atomically, that ``lmrec serve`` loads or
+reloads like any other.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.text import TEXT_COLUMNS, YEAR_COLUMNS, HashedTokenizer, SentenceEncoder, build_text_features, item_text
-from model.items import ID_TABLE, TOKEN_TABLE, ItemCatalog, PlainItemTables
+from data.text import TEXT_COLUMNS, YEAR_COLUMNS, HashedTokenizer, SentenceEncoder, TextVectorCache, item_text
+from model.items import ID_TABLE, SEMANTIC_TABLE, TOKEN_TABLE, ItemCatalog, PlainItemTables
 from serve import artifact
 from serve.artifact import ArtifactError, ArtifactWriter
 from serve.recommender import Recommender
@@ -66,29 +71,62 @@ def read_new_items(path: Path) -> tuple[list, list[str], list[str]]:
     return ids, texts, titles
 
 
-@torch.no_grad()
-def text_item_vectors(rec: Recommender, texts: list[str], token_table: np.ndarray | None) -> np.ndarray:
-    """Vectors of items known by their text alone, in the artifact's model."""
-    spec, model = rec.config["text"], rec.model
-    encoder = SentenceEncoder()
-    if encoder.fingerprint != spec["encoder"]["fingerprint"]:
+def _check_encoder(rec: Recommender, encoder: SentenceEncoder, spec: dict, what: str) -> None:
+    if encoder.fingerprint != spec["fingerprint"]:
         raise ArtifactError(
-            f"{rec.path}: the model was trained with text encoder {spec['encoder']}, the installed one is "
-            f"{encoder.name} ({encoder.fingerprint})"
+            f"{rec.path}: {what} text encoder {spec.get('name')} ({spec['fingerprint']}), the installed "
+            f"one is {encoder.name} ({encoder.fingerprint})"
         )
-    features, _ = build_text_features(texts, HashedTokenizer.from_dict(spec["tokenizer"]), encoder)
-    n = len(texts)
-    # No training events, so no ID part: the vectors are their text parts alone.
+
+
+def new_item_codes(rec: Recommender, text_vectors: np.ndarray, items_file: Path) -> np.ndarray:
+    """Every item's codes (V + N, L): the artifact's, then the new items' from its quantizer."""
+    from data.errors import DataError
+    from data.semantic_ids import ResidualQuantizer, SemanticIds
+
+    stored, entry = rec.semantic, rec.config["semantic_ids"]
+    model_dim = (entry["inputs"].get("model") or {}).get("dim", 0)
+    # The new items have no trained row: their model part is zero, as the quantizer expects.
+    vectors = np.concatenate([text_vectors, np.zeros((len(text_vectors), model_dim), dtype=np.float32)], axis=1)
+    codes = np.asarray(stored.codes)
+    ids = SemanticIds(codes, entry["level_sizes"], ResidualQuantizer(stored.centroids, stored.mean), entry["inputs"])
+    try:
+        new = ids.assign(vectors, len(codes))
+    except DataError as e:
+        raise ArtifactError(f"--add-items {items_file}: {e}") from None
+    return np.concatenate([codes, new])
+
+
+@torch.no_grad()
+def new_item_vectors(
+    rec: Recommender, texts: list[str], items_file: Path, token_table: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(vectors, every item's codes or None) of items known by their text alone, in the
+    artifact's model: no ID part (no training events), their text parts and pooled code rows."""
+    model, n = rec.model, len(texts)
+    encoder = SentenceEncoder()
+    if model.cfg.uses_text:
+        _check_encoder(rec, encoder, rec.config["text"]["encoder"], "the model was trained with")
+    if rec.semantic is not None:
+        _check_encoder(rec, encoder, rec.config["semantic_ids"]["inputs"]["text"], "its semantic IDs were built with")
+    text_vectors, _ = TextVectorCache().vectors(encoder, texts)
+    codes = None if rec.semantic is None else new_item_codes(rec, text_vectors, items_file)
+    tables, offsets, tokens = {ID_TABLE: torch.zeros(n, model.cfg.hidden_size)}, None, None
+    if token_table is not None:
+        offsets, tokens = map(
+            torch.from_numpy, HashedTokenizer.from_dict(rec.config["text"]["tokenizer"]).encode_many(texts)
+        )
+        tables[TOKEN_TABLE] = torch.from_numpy(token_table)
+    if model.cfg.item_semantic_ids:
+        tables[SEMANTIC_TABLE] = torch.from_numpy(np.asarray(rec.semantic.code_table))
     catalog = ItemCatalog(
         torch.zeros(n, dtype=torch.float64),
-        torch.from_numpy(features.vectors),
-        torch.from_numpy(features.token_offsets),
-        torch.from_numpy(features.token_ids),
+        torch.from_numpy(text_vectors),
+        offsets,
+        tokens,
+        None if codes is None else torch.from_numpy(codes[-n:]),
     )
-    tables = {ID_TABLE: torch.zeros(n, model.cfg.hidden_size)}
-    if token_table is not None:
-        tables[TOKEN_TABLE] = torch.from_numpy(token_table)
-    return model.item_encoder(torch.arange(n), PlainItemTables(tables), catalog).numpy()
+    return model.item_encoder(torch.arange(n), PlainItemTables(tables), catalog).numpy(), codes
 
 
 def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False, log=print) -> Path:
@@ -96,10 +134,10 @@ def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False
 
     source, out = Path(source), Path(out)
     rec = Recommender.load(source, search="exact")  # its index, if any, is extended below, not searched
-    if not rec.model.cfg.uses_text:
+    if not (rec.model.cfg.uses_text or rec.semantic is not None):
         raise ArtifactError(
-            f"{source}: an ID-only model cannot place an item it was not trained on; train with model.item_text "
-            "or model.item_text_tokens to add items from text"
+            f"{source}: an ID-only model cannot place an item it was not trained on; train with model.item_text, "
+            "model.item_text_tokens or semantic IDs to add items from text"
         )
     ids, texts, titles = read_new_items(items_file)
     known = rec.vocab.indices(ids)
@@ -108,7 +146,7 @@ def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False
         raise ArtifactError(f"--add-items {items_file}: items already in {source}: {repeated}")
     if len(set(map(str, ids))) != len(ids):
         raise ArtifactError(f"--add-items {items_file}: an item ID appears more than once")
-    vectors = text_item_vectors(rec, texts, artifact.read_text_tokens(source))
+    vectors, codes = new_item_vectors(rec, texts, items_file, artifact.read_text_tokens(source))
     _, config, _, stored, vocab = artifact.read(source, check=False)
     old_rows, dim = config["items"]["rows"], config["items"]["dim"]
     rows = old_rows + len(ids)
@@ -135,6 +173,10 @@ def add_items(source: Path, items_file: Path, out: Path, overwrite: bool = False
         for start in range(0, old_rows, BLOCK_ROWS):
             writer.write_item_codes(start, {k: v[start : start + BLOCK_ROWS] for k, v in stored.items()})
         writer.write_items(old_rows, vectors)
+        if codes is not None:
+            writer.write_semantic_ids(
+                codes, config["semantic_ids"]["level_sizes"], rec.semantic, rec.semantic.code_table
+            )
         writer.write_vocab(pa.concat_tables([vocab.select(new_vocab.column_names), new_vocab]))
         writer.manifest["source"] = {**(rec.manifest.get("source") or {}), "added_to": str(source)}
         writer.manifest["metrics"] = rec.manifest.get("metrics")

@@ -65,6 +65,7 @@ class ServeOptions:
     max_batch_users: int = DEFAULT_MAX_USERS
     session_bytes: int = DEFAULT_CAPACITY_BYTES  # per worker process
     search: str = "auto"  # Recommender.load's: the artifact's item index when it has one, or "exact" / "index"
+    beam_width: int | None = None  # Recommender.load's: for a semantic-ID model, instead of the artifact's
 
 
 class UserQuery(BaseModel):
@@ -215,7 +216,7 @@ class Service:
     ):
         self.artifact, self.token, self.metrics, self.group = Path(artifact), token, metrics, group
         self.options = options
-        rec = Recommender.load(self.artifact, search=options.search)
+        rec = Recommender.load(self.artifact, search=options.search, beam_width=options.beam_width)
         rec.warm_up()
         # The model and its sessions change together: a session's cache belongs to one model.
         self.current = (rec, SessionStore(options.session_bytes))
@@ -232,7 +233,7 @@ class Service:
         """The artifact at ``path``, verified and warmed up; ArtifactError (and a failed reload
         counted) otherwise."""
         try:
-            rec = Recommender.load(path, search=self.options.search)
+            rec = Recommender.load(path, search=self.options.search, beam_width=self.options.beam_width)
         except (ArtifactError, OSError, ValueError) as e:
             self.metrics.reloads.labels(result="failed").inc()
             raise ArtifactError(str(e)) from None
@@ -739,7 +740,8 @@ def run(
         print(f"lmrec serve: {artifact} (version {app.state.service.rec.version}) on http://{host}:{port}", flush=True)
         uvicorn.run(app, **server_options)
         return
-    Recommender.load(artifact, search=options.search)  # fail here, with one clear message, not in every worker
+    # Fail here, with one clear message, not in every worker.
+    Recommender.load(artifact, search=options.search, beam_width=options.beam_width)
     shared = Path(tempfile.mkdtemp(prefix="lmrec-serve-"))
     (shared / "metrics").mkdir()
     group = WorkerGroup(shared / "workers")

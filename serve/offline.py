@@ -42,7 +42,9 @@ def evaluate_artifact(
 ) -> dict:
     """HR@k and NDCG@k of the artifact over a split, full ranking, with the training evaluator's
     settings stored in the artifact (cut-offs, seen-item filtering, batch size) and the metrics
-    module's tie rule, through the serving ranker's top-K lists."""
+    module's tie rule, through the serving ranker's top-K lists. A model that generates semantic
+    IDs ranks by a beam search of ``rec.beam_width``, whose lists certify ranks below
+    ``beam_width - 1`` only: its cut-offs are those below the beam width, as in training."""
     from data.loader import LoaderConfig, iterate_epoch, make_loader
 
     settings = rec.config.get("evaluation", {})
@@ -57,6 +59,9 @@ def evaluate_artifact(
     )
     dataset, loader = make_loader(str(shards), loader_cfg, 0, 1)
     cutoff = max(ks)
+    if rec.beam_width is not None:
+        cutoff = rec.beam_width - 1
+        ks = tuple(k for k in ks if k <= cutoff)
     metrics, cold = RankingMetrics(max_rank=cutoff), []
     for batch in iterate_epoch(dataset, loader, epoch=0):
         hidden = rec.encode(batch["items"], batch["lengths"], batch.get("actions"), batch.get("gaps"))
@@ -211,10 +216,10 @@ def _shard_parts(directory: Path, rec: Recommender, part_users: int) -> tuple[li
 _worker_rec: Recommender | None = None
 
 
-def _init_worker(artifact: str, threads: int, search: str) -> None:
+def _init_worker(artifact: str, threads: int, search: str, beam_width: int | None) -> None:
     global _worker_rec
     torch.set_num_threads(threads)
-    _worker_rec = Recommender.load(artifact, verify=False, search=search)
+    _worker_rec = Recommender.load(artifact, verify=False, search=search, beam_width=beam_width)
 
 
 def _histories(part: Part, rec: Recommender):
@@ -294,20 +299,22 @@ def score(
     progress: bool = True,
     log=print,
     search: str = "auto",
+    beam_width: int | None = None,
 ) -> dict:
     """Top-``k`` for every user of ``inputs`` (one prepared shard directory, or event files) into
     the Parquet dataset directory ``out`` (user, items, scores), one file per part. Under torchrun
     (``WORLD_SIZE`` > 1) each rank takes every ``WORLD_SIZE``-th part; rank 0 claims (with
     ``overwrite``: clears) ``out`` before any rank writes to it, and writes ``_SUCCESS`` once every
-    rank is done. ``search``: as for ``Recommender.load``."""
+    rank is done. ``search`` and ``beam_width``: as for ``Recommender.load``."""
     if not 1 <= k <= 10_000 or workers < 1 or part_users < 1 or batch_size < 1:
         raise ScoringError("--k must be in [1, 10000]; --workers, part size and batch size must be >= 1")
+    load = {"search": search, "beam_width": beam_width}
     with _Ranks.join(log) as ranks:
-        rec, parts, counts, job = ranks.run(_plan, artifact, inputs, k, exclude_seen, part_users, columns, search)
+        rec, parts, counts, job = ranks.run(_plan, artifact, inputs, k, exclude_seen, part_users, columns, load)
         ranks.in_turn(_claim, out, job, overwrite and ranks.rank == 0)
         mine = [p for p in parts if p.number % ranks.world == ranks.rank]
         tasks, users = ranks.run(
-            _score_parts, rec, artifact, mine, out, k, exclude_seen, batch_size, workers, progress, log, search
+            _score_parts, rec, artifact, mine, out, k, exclude_seen, batch_size, workers, progress, log, load
         )
         done = ranks.in_turn(_finish, out, parts, {**job, **counts}, ranks.rank == 0)
     return {"parts": tasks, "users": users, "complete": done, **counts}
@@ -377,9 +384,9 @@ def _nothing(*args) -> None:
     return None
 
 
-def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, columns: dict | None, search: str):
+def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, columns: dict | None, load: dict):
     """(recommender, parts, input counts, job description) of a scoring job."""
-    rec = Recommender.load(artifact, search=search)
+    rec = Recommender.load(artifact, **load)
     inputs = [Path(p) for p in inputs]
     for path in inputs:
         if not path.exists():
@@ -401,11 +408,13 @@ def _plan(artifact, inputs: list, k: int, exclude_seen: bool, part_users: int, c
         "part_users": part_users,
         "parts": len(parts),
     }
+    if rec.beam_width is not None:  # so does another beam's
+        job["beam_width"] = rec.beam_width
     return rec, parts, counts, job
 
 
 def _score_parts(
-    rec, artifact, parts: list[Part], out: Path, k, exclude_seen, batch_size, workers, progress, log, search
+    rec, artifact, parts: list[Part], out: Path, k, exclude_seen, batch_size, workers, progress, log, load
 ):
     """Scores the ``parts`` not written yet: (parts scored, users scored)."""
     from tqdm import tqdm
@@ -426,7 +435,9 @@ def _score_parts(
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(str(artifact), threads, search)) as pool:
+        with context.Pool(
+            workers, initializer=_init_worker, initargs=(str(artifact), threads, load["search"], load["beam_width"])
+        ) as pool:
             for _, n in pool.imap_unordered(_score_part, tasks):
                 users += n
                 bar.update()

@@ -8,6 +8,10 @@ applied to the (queries x block) scores afterwards, so the whole table is never 
 and fp16 blocks are scored by the model's own ``scores``, which makes an fp32 artifact rank
 exactly like the training evaluator. An artifact with an approximate item index (serve.index)
 ranks through it unless loaded with ``search="exact"``.
+
+A model that generates semantic IDs (``model.semantic_id_head``) scores no item rows: its code
+decoder's beam search over the artifact's code trie (model.semantic) gives the top k, the same
+search the training evaluator runs, with the same beam width unless the caller sets another.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from data import schema
 from model.config import ModelConfig, RecommenderConfig
 from model.inference import KVCache, LeanDecoder
 from model.modeling import SequenceRecommender
+from model.semantic import CodeTrie, TrieError, beam_search
 from serve import artifact, topk
 from serve.artifact import OFFSET, SCALE
 from serve.index import SEARCHES, ItemIndex
@@ -230,11 +235,16 @@ class Recommender:
         vocab,
         block_rows: int,
         resident_values: int = RESIDENT_VALUES,
+        semantic: artifact.SemanticIdTables | None = None,
+        beam_width: int | None = None,
     ):
         self.path, self.manifest, self.config = Path(path), manifest, config
-        model_config = RecommenderConfig.build(
-            ModelConfig.from_dict(config["model"]), config["vocab"], config.get("text")
-        )
+        try:
+            model_config = RecommenderConfig.build(
+                ModelConfig.from_dict(config["model"]), config["vocab"], config.get("text"), config.get("semantic_ids")
+            )
+        except (TypeError, ValueError) as e:
+            raise artifact.ArtifactError(f"{self.path / artifact.CONFIG}: {e}") from None
         self.model = SequenceRecommender(model_config)
         try:
             self.model.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()})
@@ -252,8 +262,46 @@ class Recommender:
         self.uses_actions = self.model.action_embeddings is not None
         self.uses_gaps = self.model.gap_embeddings is not None
         self._actions = {str(value): index for value, index in config.get("actions", [])}
+        self.semantic, self.trie = semantic, self._trie(semantic)
+        self.beam_width = None
+        if self.model.code_decoder is not None:
+            self.beam_width = int(beam_width if beam_width is not None else config["semantic_ids"].get("beam_width", 0))
+            if self.beam_width < 1:
+                raise artifact.ArtifactError(f"{self.path}: beam width must be >= 1, got {self.beam_width}")
+        elif beam_width is not None:
+            raise artifact.ArtifactError(
+                f"{self.path}: a beam width is for models that generate semantic IDs; this one scores item vectors"
+            )
         digest = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
         self.version = digest[:12]
+
+    def _trie(self, semantic: artifact.SemanticIdTables | None) -> CodeTrie | None:
+        """The stored code trie, refused unless it is exactly the one the stored codes build and
+        the codes cover the vocabulary: a beam search over any other trie returns wrong items."""
+        if semantic is None:
+            return None
+        file = self.path / artifact.SEMANTIC
+        if len(semantic.codes) != self.items.rows:
+            raise artifact.ArtifactError(
+                f"{file}: codes for {len(semantic.codes):,} items, the vocabulary has {self.items.rows:,}"
+            )
+        codes = torch.from_numpy(semantic.codes)
+        try:
+            trie = CodeTrie.from_tensors({k: torch.from_numpy(v) for k, v in semantic.trie.items()}, len(codes))
+            if trie.level_sizes != self.model.config.level_sizes:
+                raise TrieError(f"levels {trie.level_sizes}, {artifact.CONFIG} says {self.model.config.level_sizes}")
+            trie.check(codes)
+        except (KeyError, IndexError, RuntimeError, TrieError) as e:
+            raise artifact.ArtifactError(f"{file}: the code trie does not match the items' codes ({e})") from None
+        table = semantic.code_table
+        if self.model.cfg.item_semantic_ids and (
+            table is None or table.shape != (sum(trie.level_sizes), self.model.cfg.hidden_size)
+        ):
+            raise artifact.ArtifactError(
+                f"{file}: 'code_table' should be ({sum(trie.level_sizes)}, {self.model.cfg.hidden_size}), got "
+                f"{None if table is None else table.shape}"
+            )
+        return trie
 
     @classmethod
     def load(
@@ -263,16 +311,21 @@ class Recommender:
         block_rows: int = BLOCK_ROWS,
         search: str = "auto",
         resident_values: int = RESIDENT_VALUES,
+        beam_width: int | None = None,
     ) -> Recommender:
         """Checks format version and checksums (``verify``), memory-maps the item table. ``search``:
         ``auto`` ranks with the artifact's approximate item index when it has one, ``index``
         requires one, ``exact`` scores every item. Tables of at most ``resident_values`` values
-        are also held as float rows (``ItemTable``)."""
+        are also held as float rows (``ItemTable``). ``beam_width``: for a model that generates
+        semantic IDs, instead of the artifact's default (its training evaluation's)."""
         import pyarrow
 
         if search not in SEARCHES:
             raise artifact.ArtifactError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
-        rec = cls(Path(path), *artifact.read(Path(path), check=verify), block_rows, resident_values)
+        path = Path(path)
+        manifest, config, dense, items, vocab = artifact.read(path, check=verify)
+        semantic = artifact.read_semantic_ids(path, config)
+        rec = cls(path, manifest, config, dense, items, vocab, block_rows, resident_values, semantic, beam_width)
         pyarrow.default_memory_pool().release_unused()  # the vocabulary's Parquet decode buffers
         if search == "index" and "index" not in rec.config:
             raise artifact.ArtifactError(f"{rec.path}: has no item index to search (export it with --index)")
@@ -287,7 +340,15 @@ class Recommender:
             "quant": self.quant,
             "items": int(self.items.rows - schema.FIRST_INDEX),
             "max_len": self.max_len,
-            "features": {"actions": self.uses_actions, "timestamps": self.uses_gaps, "text": self.model.cfg.uses_text},
+            "features": {
+                "actions": self.uses_actions,
+                "timestamps": self.uses_gaps,
+                "text": self.model.cfg.uses_text,
+                "semantic_ids": self.trie is not None,
+            },
+            "semantic_ids": None
+            if self.trie is None
+            else {"levels": self.trie.levels, "level_sizes": self.trie.level_sizes, "beam_width": self.beam_width},
             "added_items": self.manifest.get("added_items"),
             "created": self.manifest.get("created"),
             "source": self.manifest.get("source"),
@@ -316,7 +377,8 @@ class Recommender:
                 items = torch.full((batch, length), schema.FIRST_INDEX, dtype=torch.int64)
                 zeros = torch.zeros_like(items)
                 hidden = self.encode(items, torch.full((batch,), length), zeros, zeros)
-                self.top_k(hidden, 10)
+                # With a seen item, as requests have: a beam search then also prunes by it.
+                self.top_k(hidden, 10, [np.array([schema.FIRST_INDEX])] * batch)
 
     @torch.inference_mode()
     def top_k(
@@ -328,10 +390,15 @@ class Recommender:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, indices), each (B, k), best first; -inf scores mark missing results. ``hidden``
         None ranks by popularity instead of the model. ``exclude[b]`` are never returned for row
-        b; ``allow[b]``, when given, restricts row b's candidates to those indices."""
+        b; ``allow[b]``, when given, restricts row b's candidates to those indices. A model that
+        generates semantic IDs returns its beam search's items (log-probabilities as scores), with a
+        beam of ``beam_width``, or ``k`` where larger."""
         n = len(exclude) if hidden is None else hidden.shape[0]
         exclude = exclude or [np.zeros(0, dtype=np.int64)] * n
         allow = allow or [None] * n
+        if hidden is not None and self.model.code_decoder is not None:
+            scores, items = beam_search(self.model.code_decoder, self.trie, hidden, self.beam_width, k, exclude, allow)
+            return scores, items.clamp(min=0)  # -1 (nothing found) must not index from the end
         best_scores = torch.full((n, k), -torch.inf)
         best_items = torch.zeros((n, k), dtype=torch.int64)
         for b in range(n):

@@ -19,6 +19,7 @@ _DTYPES = {
     np.dtype(np.float16): "F16",
     np.dtype(np.int8): "I8",
     np.dtype(np.uint8): "U8",
+    np.dtype(np.int32): "I32",
     np.dtype(np.int64): "I64",
 }
 
