@@ -77,8 +77,15 @@ class TrieError(ValueError):
     pass
 
 
-def _lex_order(codes: torch.Tensor) -> torch.Tensor:
-    """Row order sorting ``codes`` (N, L) lexicographically (stable sorts from the last level)."""
+def _lex_order(codes: torch.Tensor, level_sizes: list[int]) -> torch.Tensor:
+    """Row order sorting ``codes`` (N, L) lexicographically: one sort of the codes packed into
+    one int64 key where they fit (256 codes x 5 levels take 40 bits), else a stable sort per level."""
+    bits = [max(1, (size - 1).bit_length()) for size in level_sizes]
+    if sum(bits) <= 63:
+        key = torch.zeros(codes.shape[0], dtype=torch.int64)
+        for level, width in enumerate(bits):
+            key = (key << width) | codes[:, level].to(torch.int64)
+        return torch.sort(key).indices
     order = torch.arange(codes.shape[0])
     for level in reversed(range(codes.shape[1])):
         order = order[torch.sort(codes[order, level], stable=True).indices]
@@ -97,7 +104,7 @@ class CodeTrie:
     """
 
     level_sizes: list[int]
-    codes: list[torch.Tensor]  # per depth 1..L (index d - 1): (n_d,) int64
+    codes: list[torch.Tensor]  # per depth 1..L (index d - 1): (n_d,) int64 (the items' codes stay int32)
     first: list[torch.Tensor]  # per depth 1..L: (n_d + 1,) int64 leaf ranges
     leaf_items: torch.Tensor  # (n_L,) int64 item index of each leaf
     num_items: int  # the vocabulary size (item indices < num_items)
@@ -117,9 +124,8 @@ class CodeTrie:
     @classmethod
     def build(cls, codes: torch.Tensor, level_sizes: list[int]) -> CodeTrie:
         """From every item's codes (V, L): rows with a negative first code (padding, unknown) are no leaves."""
-        codes = codes.to(torch.int64)
         items = torch.nonzero(codes[:, 0] >= 0).squeeze(1)
-        items = items[_lex_order(codes[items])]
+        items = items[_lex_order(codes[items], list(level_sizes))]
         return cls._from_leaves(codes, items, list(level_sizes))
 
     @classmethod
@@ -135,7 +141,7 @@ class CodeTrie:
         for depth in range(1, levels + 1):
             changed |= ordered[1:, depth - 1] != ordered[:-1, depth - 1]
             starts = torch.cat([torch.zeros(min(n, 1), dtype=torch.int64), torch.nonzero(changed).squeeze(1) + 1])
-            node_codes.append(ordered[starts, depth - 1])
+            node_codes.append(ordered[starts, depth - 1].to(torch.int64))
             first.append(torch.cat([starts, torch.tensor([n])]))
         if len(node_codes[-1]) != n:
             raise TrieError("two items share a code tuple (the last level must tell colliding tuples apart)")
@@ -218,6 +224,7 @@ class _Live:
             elif banned is not None:
                 removed_owner.append(torch.full((len(banned),), b)), removed_items.append(banned)
         self.removed = _pairs(removed_owner, removed_items)
+        self.removed_per_user = torch.bincount(self.removed[0], minlength=users)
         self.allowed = _pairs(allowed_owner, allowed_items)
         self.active = bool(len(self.removed[0]) or self.allow_rows.any())
 
@@ -233,9 +240,19 @@ class _Live:
 
     def mask(self, depth: int, owner: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """True where user ``owner`` may still reach an item under depth-``depth`` ``nodes``."""
-        left = self.trie.leaf_counts(depth, nodes) - self._counts(self.removed, depth, owner, nodes)
-        allowed = self._counts(self.allowed, depth, owner, nodes)
-        return torch.where(self.allow_rows[owner], allowed, left) > 0
+        left = self.trie.leaf_counts(depth, nodes)
+        alive = torch.ones(len(nodes), dtype=torch.bool)
+        if len(self.removed[1]):
+            # Only a node with no more leaves than its user excludes can have lost them all: near
+            # the root, none does, and nothing is counted.
+            unsure = torch.nonzero(left <= self.removed_per_user[owner]).squeeze(1)
+            if len(unsure):
+                removed = self._counts(self.removed, depth, owner[unsure], nodes[unsure])
+                alive[unsure] = left[unsure] > removed
+        if self.allow_rows.any():
+            restricted = torch.nonzero(self.allow_rows[owner]).squeeze(1)
+            alive[restricted] = self._counts(self.allowed, depth, owner[restricted], nodes[restricted]) > 0
+        return alive
 
 
 def _coded(trie: CodeTrie, items) -> torch.Tensor | None:

@@ -23,10 +23,10 @@ class SemanticIdGeneration(Objective):
         super().__init__(ctx)
         if ctx.model.code_decoder is None or ctx.catalog.semantic_codes is None:
             raise ValueError("loss.main=semantic_id needs model.semantic_id_head and shards with semantic IDs")
-        self.codes = ctx.catalog.semantic_codes.to(ctx.device, torch.int64)
+        self.codes = ctx.catalog.semantic_codes.to(ctx.device)  # int32: widened per step, not whole
 
     def __call__(self, step: StepBatch, hidden: torch.Tensor, items: StepItems, sampled) -> torch.Tensor:
-        codes = self.codes[step.targets]
+        codes = self.codes[step.targets].to(torch.int64)
         # A target without codes (the unknown item) teaches nothing: it weighs 0.
         weights = step.weights * (codes[:, 0] >= 0)
         codes = codes.clamp(min=0)
