@@ -56,6 +56,8 @@ bench: install
 	$(PY) benchmarks/sharded_softmax.py
 	$(PY) benchmarks/zero_memory.py
 	$(PY) benchmarks/catalog_scale.py
+	$(PY) benchmarks/semantic_ids.py
+	$(PY) benchmarks/semantic_cost.py
 
 lint: install
 	$(VENV)/bin/ruff check .

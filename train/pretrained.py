@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from data.vocab import ITEMS_FILE
-from model.items import ID_TABLE, RESERVED, TOKEN_TABLE, ItemCatalog, PlainItemTables
+from model.items import ID_TABLE, RESERVED, SEMANTIC_TABLE, TOKEN_TABLE, ItemCatalog, PlainItemTables
 from train.checkpoint import BLOCK_ROWS, SparseReader, optimizer_key, read_meta
 from train.config import Config, ConfigError
 from train.saved_model import ARTIFACT, CHECKPOINT, SourceError, TrainedModel, item_encoder, load_source
@@ -209,6 +209,10 @@ def init_model(model: torch.nn.Module, tables, pretrained: Pretrained, cfg: Conf
     if model.cfg.item_text_tokens and trained.text_tokens is not None:
         tables.set_rows(TOKEN_TABLE, trained.text_tokens)
         copied.append("text-token table")
+    codes = trained.code_table
+    if model.cfg.item_semantic_ids and codes is not None and codes.shape[0] == tables.specs[SEMANTIC_TABLE].rows:
+        tables.set_rows(SEMANTIC_TABLE, codes)  # codes keep their meaning: --vocab-from carries the quantiser
+        copied.append("semantic-ID code table")
     if lineage is not None and model.cfg.item_id:
         items = _continue_items(model.cfg, tables, trained, lineage, cfg.optim.sparse_optimizer)
     elif not model.cfg.item_id:
