@@ -421,6 +421,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _beam_width_argument(p) -> None:
+    p.add_argument(
+        "--beam-width",
+        type=int,
+        help="semantic-ID models: the beam of the constrained beam search (default: the artifact's, its training "
+        "evaluation's); wider finds more of the most probable items, at more cost per request",
+    )
+
+
 def _check_beam_width(beam_width: int | None) -> None:
     if beam_width is not None and beam_width < 1:
         raise UsageError(f"--beam-width must be >= 1, got {beam_width}")
@@ -537,12 +546,7 @@ def _add_serve(sub) -> None:
         default="auto",
         help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
     )
-    p.add_argument(
-        "--beam-width",
-        type=int,
-        help="semantic-ID models: the beam of the constrained beam search (default: the artifact's, its training "
-        "evaluation's); wider finds more of the most probable items, at more cost per request",
-    )
+    _beam_width_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -579,12 +583,7 @@ def _add_serve(sub) -> None:
         default="auto",
         help="rank with the artifact's approximate item index (auto: when it has one) or score every item (exact)",
     )
-    p.add_argument(
-        "--beam-width",
-        type=int,
-        help="semantic-ID models: the beam of the constrained beam search (default: the artifact's, its training "
-        "evaluation's); wider finds more of the most probable items, at more cost per request",
-    )
+    _beam_width_argument(p)
     p.add_argument("--user-col", default="user")
     p.add_argument("--item-col", default="item")
     p.add_argument("--time-col", default="timestamp", help="seconds or a timestamp type; used when present")

@@ -2,10 +2,10 @@
 
 An item vector is the sum of the parts the model config enables: its ID row, a learned projection
 of its pretrained text vector, the mean of its text-token rows, the mean of its semantic-ID code
-rows. The same vector is an input
-token and a scoring target. Summing keeps one space for items with and without a part: an item
-with no training events has no trained ID row, so where a content part (text, semantic ID)
-exists its ID part is left out and its content alone places it, a cold item included.
+rows. The same vector is an input token and a scoring target. Summing keeps one space for items
+with and without a part: an item with no training events has no trained ID row, so where a
+content part (text, semantic ID) exists its ID part is left out and its content alone places it,
+a cold item included.
 
 The learned rows live in tables that this module declares (``item_tables``) but does not own:
 training shards them with TorchRec (train.embeddings), everything else reads them as plain
